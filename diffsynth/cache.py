@@ -1,0 +1,289 @@
+"""The disk cache every stage writes through: one run folder, one SQLite manifest, atomic unit files.
+
+A unit is done when its manifest row exists and its file matches the row (size at start-up, checksum on every
+read). Nothing else counts as done: a file is written to a temporary name, fsynced, renamed into place and its
+folder fsynced *before* the row is committed, so a crash at any point leaves either a complete unit or a leftover
+that start-up removes.
+"""
+
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from .errors import UserError
+
+TMP_SUFFIX = ".tmp"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS stages (
+    name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, total INTEGER NOT NULL, retired INTEGER NOT NULL DEFAULT 0,
+    position INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS units (
+    stage TEXT NOT NULL, key TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL, checksum TEXT NOT NULL,
+    finished REAL NOT NULL, PRIMARY KEY (stage, key));
+CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class CorruptUnit(Exception):
+    """A cached file no longer matches its manifest row; the runner forgets the unit and recomputes it."""
+
+    def __init__(self, stage, key, reason):
+        super().__init__(f"cached unit {stage}/{key} is corrupt ({reason}); recomputing it")
+        self.stage, self.key = stage, key
+
+
+def checksum(data):
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def file_checksum(path):
+    """The checksum of a file, read in blocks (videos can be larger than memory should hold)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_folder(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path, write_to, before_rename=None):
+    """Have `write_to(tmp_path)` write a file, then fsync and rename it into `path`, and fsync the folder: `path` is
+    either absent, its old content, or the complete new content."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    write_to(tmp)
+    with open(tmp, "rb+") as file:
+        os.fsync(file.fileno())
+    if before_rename:
+        before_rename()
+    os.replace(tmp, path)
+    fsync_folder(path.parent)
+
+
+def atomic_write(path, data, before_rename=None):
+    write_atomically(path, lambda tmp: Path(tmp).write_bytes(data), before_rename)
+
+
+def fingerprint(*parts):
+    """A stable hash of JSON-able parts (a stage's name, code version, parameters and its inputs' fingerprints)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+# --- unit payload formats: small pure functions, one way each -------------------------------------------------
+
+def tensors_to_bytes(tensors):
+    return save_safetensors({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()})
+
+
+def bytes_to_tensors(data):
+    return load_safetensors(data)
+
+
+def image_to_bytes(array):
+    """uint8 (H, W, 3) array → PNG bytes. Level 1: lossless and fast; the cache is written once, read a few times."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def bytes_to_image(data):
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+class RunCache:
+    """A run folder: config.json, manifest.sqlite, cache/<stage>/…, frames/, video.mp4, lock, render.log."""
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = None
+        self.db = sqlite3.connect(self.run_dir / "manifest.sqlite", isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    # --- locking ------------------------------------------------------------------------------------------------
+    def lock(self):
+        """Hold the run folder for this process; a second render on the same folder refuses to start."""
+        self._lock_file = open(self.run_dir / "lock", "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip() or "another process"
+            raise UserError(f"run folder {self.run_dir} is in use by a render ({holder}); "
+                            "wait for it to finish or stop it first") from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(f"pid {os.getpid()}")
+        self._lock_file.flush()
+
+    def is_locked(self):
+        """True while some process holds the run folder (used by `status` and the web UI)."""
+        lock_path = self.run_dir / "lock"
+        if not lock_path.exists():
+            return False
+        with open(lock_path, "a+") as probe:
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(probe, fcntl.LOCK_UN)
+            return False
+
+    def close(self):
+        self.db.close()
+        if self._lock_file:
+            self._lock_file.close()
+
+    # --- run-level key/values ---------------------------------------------------------------------------------------
+    def set_value(self, key, value):
+        self.db.execute("INSERT OR REPLACE INTO run VALUES (?, ?)", (key, json.dumps(value)))
+
+    def get_value(self, key, default=None):
+        row = self.db.execute("SELECT value FROM run WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    # --- stages ---------------------------------------------------------------------------------------------------
+    def unit_path(self, stage, key):
+        return self.run_dir / "cache" / stage / key
+
+    def open_stage(self, name, stage_fingerprint, total, position):
+        """Register a stage; a stored stage with another fingerprint is stale, so its units are forgotten."""
+        row = self.db.execute("SELECT fingerprint FROM stages WHERE name = ?", (name,)).fetchone()
+        if row and row[0] != stage_fingerprint:
+            self.reset_stage(name)
+            row = None
+        if row is None:
+            self.db.execute("INSERT OR REPLACE INTO stages VALUES (?, ?, ?, 0, ?)",
+                            (name, stage_fingerprint, total, position))
+        else:
+            self.db.execute("UPDATE stages SET total = ?, position = ? WHERE name = ?", (total, position, name))
+
+    def forget_other_stages(self, names):
+        """Drop stages that the current plan no longer has (a removed ControlNet unit, smoothing turned off)."""
+        for (name,) in self.db.execute("SELECT name FROM stages").fetchall():
+            if name not in names:
+                self.reset_stage(name)
+                self.db.execute("DELETE FROM stages WHERE name = ?", (name,))
+
+    def reset_stage(self, name):
+        for (path,) in self.db.execute("SELECT path FROM units WHERE stage = ?", (name,)).fetchall():
+            (self.run_dir / path).unlink(missing_ok=True)
+        self.db.execute("DELETE FROM units WHERE stage = ?", (name,))
+        self.db.execute("UPDATE stages SET retired = 0 WHERE name = ?", (name,))
+
+    def retire_stage(self, name):
+        """Delete an ephemeral stage's files once everything that reads them is complete; it stays 'done'."""
+        self.db.execute("UPDATE stages SET retired = 1 WHERE name = ?", (name,))
+        for (path,) in self.db.execute("SELECT path FROM units WHERE stage = ?", (name,)).fetchall():
+            (self.run_dir / path).unlink(missing_ok=True)
+
+    def is_retired(self, name):
+        row = self.db.execute("SELECT retired FROM stages WHERE name = ?", (name,)).fetchone()
+        return bool(row and row[0])
+
+    def stage_rows(self):
+        return self.db.execute("SELECT name, fingerprint, total, retired FROM stages ORDER BY position").fetchall()
+
+    # --- units ----------------------------------------------------------------------------------------------------
+    def done_keys(self, stage):
+        if self.is_retired(stage):
+            return None  # every unit done, files gone
+        return {key for (key,) in self.db.execute("SELECT key FROM units WHERE stage = ?", (stage,))}
+
+    def count_done(self, stage):
+        return self.db.execute("SELECT COUNT(*) FROM units WHERE stage = ?", (stage,)).fetchone()[0]
+
+    def write(self, stage, key, data, path=None, before_rename=None):
+        """Store a unit's bytes atomically and record it. `path` (relative to the run folder) is for the final
+        outputs that users open directly (frames/00000.png, video.mp4); other units live under cache/<stage>/."""
+        relative = Path(path) if path else self.unit_path(stage, key).relative_to(self.run_dir)
+        atomic_write(self.run_dir / relative, data, before_rename)
+        self.db.execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?, ?)",
+                        (stage, key, str(relative), len(data), checksum(data), time.time()))
+
+    def record_file(self, stage, key, path):
+        """Record a unit whose file the stage wrote itself with write_atomically (a video streamed to disk)."""
+        file = self.run_dir / path
+        self.db.execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?, ?)",
+                        (stage, key, str(path), file.stat().st_size, file_checksum(file), time.time()))
+
+    def read(self, stage, key):
+        row = self.db.execute("SELECT path, size, checksum FROM units WHERE stage = ? AND key = ?",
+                              (stage, key)).fetchone()
+        if row is None:
+            raise CorruptUnit(stage, key, "not in the manifest")
+        try:
+            data = (self.run_dir / row[0]).read_bytes()
+        except FileNotFoundError:
+            raise CorruptUnit(stage, key, "file missing") from None
+        if len(data) != row[1] or checksum(data) != row[2]:
+            raise CorruptUnit(stage, key, "checksum mismatch")
+        return data
+
+    def forget_unit(self, stage, key):
+        row = self.db.execute("SELECT path FROM units WHERE stage = ? AND key = ?", (stage, key)).fetchone()
+        if row:
+            (self.run_dir / row[0]).unlink(missing_ok=True)
+        self.db.execute("DELETE FROM units WHERE stage = ? AND key = ?", (stage, key))
+        self.db.execute("UPDATE stages SET retired = 0 WHERE name = ?", (stage,))
+
+    def verify_stage(self, stage, full=False):
+        """Forget units whose file is missing or has the wrong size (and, with `full`, the wrong checksum).
+        Returns the forgotten keys."""
+        bad = []
+        rows = self.db.execute("SELECT key, path, size, checksum FROM units WHERE stage = ?", (stage,)).fetchall()
+        for key, path, size, digest in rows:
+            file = self.run_dir / path
+            try:
+                ok = file.stat().st_size == size and (not full or file_checksum(file) == digest)
+            except FileNotFoundError:
+                ok = False
+            if not ok:
+                bad.append(key)
+                self.forget_unit(stage, key)
+        return bad
+
+    def remove_leftovers(self):
+        """Delete temporary files and files that no manifest row accounts for (a crash between rename and commit)."""
+        known = {path for (path,) in self.db.execute("SELECT path FROM units")}
+        removed = 0
+        for folder in (self.run_dir / "cache", self.run_dir / "frames"):
+            if not folder.exists():
+                continue
+            for file in folder.rglob("*"):
+                if file.is_file() and str(file.relative_to(self.run_dir)) not in known:
+                    file.unlink()
+                    removed += 1
+        for name in ("video.mp4", "video.mp4" + TMP_SUFFIX):
+            file = self.run_dir / name
+            if file.exists() and name not in known:
+                file.unlink()
+                removed += 1
+        return removed
+
+    def bytes_on_disk(self, stage):
+        return self.db.execute("SELECT COALESCE(SUM(size), 0) FROM units WHERE stage = ?", (stage,)).fetchone()[0]

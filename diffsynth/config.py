@@ -1,0 +1,220 @@
+"""The render config schema: the single source of truth for YAML files, `--set` overrides, the web UI form and
+the docs. Key names follow the original Diffutoon configs. Unknown keys and bad values are errors naming the key."""
+
+import difflib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+PROCESSOR_IDS = ("tile", "canny", "lineart", "lineart_coarse", "lineart_anime", "softedge", "depth")
+MOTION_MODULE_MAX_FRAMES = 32
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ControlNetUnit(Schema):
+    processor_id: Literal[PROCESSOR_IDS] = Field(description="annotator that turns frames into this ControlNet's input")
+    model_path: str = Field(description="ControlNet model file or folder")
+    scale: float = Field(1.0, ge=0.0, le=4.0, description="weight of this ControlNet's residuals")
+
+
+class ModelsConfig(Schema):
+    model_list: list[str] = Field(description="base model and motion module files, in any order")
+    controlnet_units: list[ControlNetUnit] = Field(default_factory=list)
+    textual_inversion_folder: str | None = Field(None, description="folder of textual-inversion embeddings")
+    lora_alphas: list[float] = Field(default_factory=list, description="one weight per LoRA file in model_list")
+    device: str = Field("auto", description='"auto" (cuda when available), "cpu", "cuda", "cuda:1", …')
+    torch_dtype: Literal["auto", "float16", "float32", "bfloat16"] = Field(
+        "auto", description="weights' dtype; auto = float16 on GPU, float32 on CPU (the VAE is always float32)")
+
+
+class FramesConfig(Schema):
+    video_file: str | None = Field(None, description="source video (any format FFmpeg reads)")
+    image_folder: str | None = Field(None, description="or a folder of images, sorted by name")
+    height: int = Field(512, gt=0, description="output height in pixels, a multiple of 8")
+    width: int = Field(512, gt=0, description="output width in pixels, a multiple of 8")
+    start_frame_id: int = Field(0, ge=0, description="first source frame to render")
+    end_frame_id: int | None = Field(None, ge=1, description="one past the last frame (default: the end)")
+    resize_mode: Literal["crop", "fill"] = Field(
+        "crop", description="crop: centre-crop to the output aspect, then resize; fill: letterbox")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.video_file is None) == (self.image_folder is None):
+            raise ValueError("give exactly one of video_file or image_folder")
+        for name in ("height", "width"):
+            if getattr(self, name) % 8:
+                raise ValueError(f"{name} {getattr(self, name)} is not a multiple of 8 (latents are 1/8 the size)")
+        if self.end_frame_id is not None and self.end_frame_id <= self.start_frame_id:
+            raise ValueError(f"frame range [{self.start_frame_id}, {self.end_frame_id}) is empty")
+        return self
+
+
+class DataConfig(Schema):
+    input_frames: FramesConfig
+    controlnet_frames: list[FramesConfig] | None = Field(
+        None, description="one per ControlNet unit (default: the input frames)")
+    output_folder: str = Field(description="the run folder: cache, manifest, frames/ and video.mp4")
+    fps: float | None = Field(None, gt=0, description="output frame rate (default: the source's)")
+    crf: int = Field(17, ge=0, le=51, description="H.264 quality (lower is better, 17 is visually lossless)")
+
+
+class PipelineInputs(Schema):
+    prompt: str = ""
+    negative_prompt: str = ""
+    cfg_scale: float = Field(7.0, ge=0.0)
+    clip_skip: int = Field(2, ge=1, description="2 = the penultimate text-encoder layer")
+    denoising_strength: float = Field(1.0, gt=0.0, le=1.0)
+    num_inference_steps: int = Field(10, ge=1, le=1000)
+    animatediff_batch_size: int = Field(16, ge=1, description="frames per sliding window")
+    animatediff_stride: int = Field(8, ge=1, description="frames between window starts")
+    unet_batch_size: int = Field(1, ge=1, description="sliding windows sent through the UNet together")
+    controlnet_batch_size: int = Field(1, ge=1, description="frames per ControlNet forward (lower = less VRAM)")
+    smoother_progress_ids: list[int] = Field(
+        default_factory=list, description="denoising steps (0-based) whose x0 is smoothed; -1 = the final frames")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.animatediff_stride > self.animatediff_batch_size:
+            raise ValueError("animatediff_stride must not exceed animatediff_batch_size (frames would be skipped)")
+        for step in self.smoother_progress_ids:
+            if not -1 <= step <= self.num_inference_steps:
+                raise ValueError(f"smoother_progress_ids has {step}, outside -1..{self.num_inference_steps}")
+        return self
+
+
+class PipelineConfig(Schema):
+    seed: int = Field(0, ge=0)
+    pipeline_inputs: PipelineInputs = Field(default_factory=PipelineInputs)
+
+
+class SmootherConfig(Schema):
+    processor_type: Literal["FastBlend"] = "FastBlend"
+    config: dict = Field(default_factory=dict)
+
+
+class RenderConfig(Schema):
+    models: ModelsConfig
+    data: DataConfig
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    smoother_configs: list[SmootherConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self):
+        units = self.models.controlnet_units
+        if self.data.controlnet_frames is not None and len(self.data.controlnet_frames) != len(units):
+            raise ValueError(f"data.controlnet_frames has {len(self.data.controlnet_frames)} entries "
+                             f"for {len(units)} controlnet units")
+        return self
+
+    def controlnet_frames_for(self, unit_index):
+        if self.data.controlnet_frames is None:
+            return self.data.input_frames
+        return self.data.controlnet_frames[unit_index]
+
+
+def _error_line(error):
+    """One line for a pydantic error: the dotted key, what is wrong, and a suggestion for misspelt keys."""
+    location = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        parent = RenderConfig
+        for part in error["loc"][:-1]:
+            field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
+            annotation = field.annotation if field else None
+            parent = _schema_class(annotation)
+        known = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})" if known else ""
+        return f"unknown config key '{location}'{hint}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"bad config value for '{location}': {message}" if location else f"bad config: {message}"
+
+
+def _schema_class(annotation):
+    """The Schema class inside an annotation such as `FramesConfig`, `list[FramesConfig] | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, Schema):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _schema_class(arg)
+        if found:
+            return found
+    return None
+
+
+def parse_config(data):
+    """Validate a config dict; UserError with one line per problem (the first line names the first key)."""
+    try:
+        return RenderConfig.model_validate(data)
+    except ValidationError as error:
+        raise UserError("; ".join(_error_line(e) for e in error.errors())) from None
+
+
+def set_by_path(data, dotted_key, value):
+    """Apply one `--set a.b.c=value` override: value is parsed as YAML (numbers, lists, true/false)."""
+    keys = dotted_key.split(".")
+    node = data
+    for index, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise UserError(f"--set {dotted_key}: '{'.'.join(keys[:index + 1])}' is not a valid list index")
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_override(text):
+    if "=" not in text:
+        raise UserError(f"--set expects key.path=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path, overrides=()):
+    """Read a YAML (or JSON) config, apply `key.path=value` overrides, validate. Relative paths inside the config
+    are taken relative to the config file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"config {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config {path} must be a mapping of keys (models, data, pipeline, …)")
+    for override in overrides:
+        set_by_path(data, *parse_override(override))
+    return resolve_paths(parse_config(data), path.parent)
+
+
+def resolve_paths(config, base_folder):
+    """Make every file path in the config absolute, relative to `base_folder`."""
+    def absolute(value):
+        return None if value is None else str((Path(base_folder) / Path(value).expanduser()).resolve())
+
+    data = config.model_dump()
+    data["models"]["model_list"] = [absolute(p) for p in data["models"]["model_list"]]
+    data["models"]["textual_inversion_folder"] = absolute(data["models"]["textual_inversion_folder"])
+    for unit in data["models"]["controlnet_units"]:
+        unit["model_path"] = absolute(unit["model_path"])
+    frame_specs = [data["data"]["input_frames"]] + (data["data"]["controlnet_frames"] or [])
+    for spec in frame_specs:
+        spec["video_file"] = absolute(spec["video_file"])
+        spec["image_folder"] = absolute(spec["image_folder"])
+    data["data"]["output_folder"] = absolute(data["data"]["output_folder"])
+    return RenderConfig.model_validate(data)
+
+
+def config_json(config):
+    return json.dumps(config.model_dump(), indent=2, sort_keys=True)

@@ -1,0 +1,75 @@
+"""The bundled demo: a short synthetic clip with an audio track and the tiny model set, generated on first use."""
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+DEMO_ASSETS = REPO_ROOT / "assets" / "demo"
+
+
+def synthetic_frame(index, width, height):
+    """A textured background with a moving disc and a moving square: enough structure for canny and FastBlend."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    background = 128 + 60 * np.sin(x / 7.0 + index * 0.15) * np.cos(y / 9.0 - index * 0.1)
+    image = np.stack([background, background * 0.8 + 30, 255 - background], axis=-1)
+    cx, cy = width * (0.2 + 0.6 * (index % 48) / 47), height * 0.5 + height * 0.25 * np.sin(index / 6)
+    image[(x - cx) ** 2 + (y - cy) ** 2 < (height * 0.18) ** 2] = (240, 200, 40)
+    sx = int(width * 0.7 - index * 1.5) % width
+    image[height // 8:height // 8 + height // 5, sx:sx + width // 6] = (30, 160, 90)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_synthetic_clip(path, num_frames=48, width=160, height=120, fps=12, audio=True, rotation=0):
+    """An H.264 clip with a 440 Hz tone (AAC) covering its whole length; deterministic for the same arguments."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format="mp4") as output:
+        video = output.add_stream("libx264", rate=Fraction(fps))
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"crf": "12"}
+        video.thread_count = 1
+        rate = 44100
+        if audio:  # every stream must exist before the first packet is muxed
+            sound = output.add_stream("aac", rate=rate)
+            sound.layout = "stereo"
+        for index in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(synthetic_frame(index, width, height), format="rgb24")
+            frame.pts = index
+            frame.time_base = Fraction(1, fps)
+            for packet in video.encode(frame):
+                output.mux(packet)
+        for packet in video.encode():
+            output.mux(packet)
+        if audio:
+            total = int(rate * num_frames / fps)
+            t = np.arange(total) / rate
+            tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+            for offset in range(0, total, 1024):
+                chunk = tone[offset:offset + 1024]
+                frame = av.AudioFrame.from_ndarray(np.stack([chunk, chunk]), format="fltp", layout="stereo")
+                frame.sample_rate, frame.pts = rate, offset
+                for packet in sound.encode(frame):
+                    output.mux(packet)
+            for packet in sound.encode(None):
+                output.mux(packet)
+    return path
+
+
+def ensure_demo_assets(folder=DEMO_ASSETS):
+    """Create the demo clip and tiny models under `folder` unless they are there already."""
+    from .models.tiny import write_tiny_models
+
+    folder = Path(folder)
+    marker = folder / "models" / "COMPLETE"
+    if not marker.exists():
+        write_tiny_models(folder / "models")
+        marker.write_text("tiny models written by diffsynth.models.tiny\n")
+    clip = folder / "clip.mp4"
+    if not clip.exists():
+        write_synthetic_clip(clip.with_suffix(".partial.mp4"))
+        clip.with_suffix(".partial.mp4").rename(clip)
+    return folder

@@ -1,0 +1,90 @@
+"""The two inner-loop kernels of patch matching, in pure torch.
+
+This module is the seam for accelerated back ends: ``remap`` and ``patch_error`` are the only functions that
+touch every pixel times every patch offset. A CUDA (e.g. cupy) implementation can replace them as long as it
+keeps these signatures and semantics.
+
+Layout conventions (shared with :mod:`diffsynth.fastblend.patch_match`):
+
+* images are channel-last float tensors ``(B, H, W, C)``;
+* a nearest-neighbour field (NNF) is an int64 tensor ``(B, H, W, 2)`` holding, for every target pixel, the
+  ``(y, x)`` coordinate of its match in the source image, always inside ``[0, H) x [0, W)``;
+* coordinates that fall outside the image while reading a patch are clamped to the border (edge padding).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pad_edge(image: torch.Tensor, radius: int) -> torch.Tensor:
+    """Edge-pad a (B, H, W, C) image by ``radius`` pixels on each side."""
+    if radius == 0:
+        return image
+    padded = F.pad(image.permute(0, 3, 1, 2), (radius, radius, radius, radius), mode="replicate")
+    return padded.permute(0, 2, 3, 1).contiguous()
+
+
+def _flat_rows(padded: torch.Tensor) -> torch.Tensor:
+    """(B, Hp, Wp, C) -> (B*Hp*Wp, C), rows addressed by ``b*Hp*Wp + y*Wp + x``."""
+    return padded.reshape(-1, padded.shape[-1])
+
+
+def _flat_index(nnf: torch.Tensor, radius: int, padded_hw: tuple[int, int]) -> torch.Tensor:
+    """Row index, in the flattened padded image, of the pixel each NNF entry points at. Shape (B, H, W)."""
+    batch = nnf.shape[0]
+    hp, wp = padded_hw
+    batch_offset = torch.arange(batch, device=nnf.device).view(batch, 1, 1) * (hp * wp)
+    return batch_offset + (nnf[..., 0] + radius) * wp + (nnf[..., 1] + radius)
+
+
+def patch_error(target: torch.Tensor, source: torch.Tensor, nnf: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Sum of squared differences between the target patch at p and the source patch at nnf(p).
+
+    target, source: (B, H, W, C) float features (already weighted, e.g. guide scaled by sqrt(guide_weight)).
+    Returns (B, H, W) float.
+    """
+    radius = patch_size // 2
+    batch, height, width, _ = target.shape
+    target_pad = pad_edge(target, radius)
+    source_pad = pad_edge(source, radius)
+    hp, wp = source_pad.shape[1:3]
+    rows = _flat_rows(source_pad)
+    base = _flat_index(nnf, radius, (hp, wp))
+    error = torch.zeros_like(target)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            index = (base + (dy * wp + dx)).reshape(-1)
+            matched = rows.index_select(0, index).view_as(target)
+            diff = target_pad[:, radius + dy : radius + dy + height, radius + dx : radius + dx + width] - matched
+            error.addcmul_(diff, diff)
+    return error.sum(dim=-1)
+
+
+def remap(source: torch.Tensor, nnf: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Patch voting: pixel p averages ``source[nnf(p + d) - d]`` over the offsets d of the patch with p + d in
+    the image (``nnf(p + d) - d`` clamped to the image).
+
+    source: (B, H, W, C); nnf: (B, H, W, 2). Returns (B, H, W, C).
+    """
+    radius = patch_size // 2
+    batch, height, width, channels = source.shape
+    source_pad = pad_edge(source, radius)
+    hp, wp = source_pad.shape[1:3]
+    rows = _flat_rows(source_pad)
+    # Index field padded with a harmless valid index and a zero mask for the out-of-image neighbours p + d.
+    base = _flat_index(nnf, radius, (hp, wp))
+    base_pad = F.pad(base, (radius, radius, radius, radius), value=radius * wp + radius)
+    mask = torch.ones(1, height, width, 1, dtype=source.dtype, device=source.device)
+    mask_pad = F.pad(mask.permute(0, 3, 1, 2), (radius, radius, radius, radius)).permute(0, 2, 3, 1)
+    total = torch.zeros_like(source)
+    count = torch.zeros(1, height, width, 1, dtype=source.dtype, device=source.device)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            window = (slice(None), slice(radius + dy, radius + dy + height), slice(radius + dx, radius + dx + width))
+            index = (base_pad[window] - (dy * wp + dx)).reshape(-1)
+            valid = mask_pad[window]
+            total.addcmul_(rows.index_select(0, index).view(batch, height, width, channels), valid)
+            count += valid
+    return total / count

@@ -1,0 +1,227 @@
+"""Pyramid patch matching (PatchMatch with guide + style features) in pure torch.
+
+All functions are batched: index 0 of every tensor is the pair index, images are channel-last (B, H, W, C)
+float tensors with values 0..255 and NNFs are int64 (B, H, W, 2) tensors of absolute (y, x) source coordinates.
+Source and target images of one call share the same size.
+
+Randomness (direction order of propagation, random-search offsets, random initialisation) comes only from the
+generators passed in, so results are reproducible bit for bit on a given device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+
+# Neighbour directions (dy, dx) tried by propagation.
+DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))
+
+
+@dataclass(frozen=True)
+class PatchMatchParams:
+    minimum_patch_size: int = 5
+    num_iter: int = 5
+    guide_weight: float = 10.0
+    initialize: str = "identity"
+    random_search_rounds: int = 3
+    random_search_radius: int = 4
+
+    @property
+    def max_patch_size(self) -> int:
+        return self.minimum_patch_size + 2 * (self.num_iter - 1)
+
+    def patch_sizes(self) -> list[int]:
+        return [self.max_patch_size - 2 * i for i in range(self.num_iter)]
+
+    def num_levels(self, height: int, width: int) -> int:
+        """levels = int(log2(min(H, W) / max_patch)), at least 1."""
+        return max(1, int(math.log2(min(height, width) / self.max_patch_size)))
+
+
+class Randomness:
+    """The two generators one patch-match call draws from: a CPU one for small host-side choices (direction
+    order) and one on the compute device for per-pixel random numbers. Both seeded from one integer."""
+
+    def __init__(self, seed: int, device: torch.device | str) -> None:
+        device = torch.device(device)
+        self.host = torch.Generator(device="cpu")
+        self.host.manual_seed(seed)
+        self.device = torch.Generator(device=device)
+        self.device.manual_seed(seed ^ 0x5DEECE66D)
+        self.device_type = device
+
+    def direction_order(self) -> list[tuple[int, int]]:
+        return [DIRECTIONS[i] for i in torch.randperm(len(DIRECTIONS), generator=self.host).tolist()]
+
+    def randint(self, low: int, high: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randint(low, high, shape, generator=self.device, device=self.device_type)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pyramid helpers
+
+
+def pyramid_sizes(height: int, width: int, levels: int) -> list[tuple[int, int]]:
+    """Image size of every level, coarsest first: (H // 2^k, W // 2^k) for k = levels-1 .. 0."""
+    return [(max(1, height >> k), max(1, width >> k)) for k in range(levels - 1, -1, -1)]
+
+
+def resize_area(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Area-interpolated resize of a (B, H, W, C) image, on its own device."""
+    if tuple(image.shape[1:3]) == tuple(size):
+        return image
+    resized = F.interpolate(image.permute(0, 3, 1, 2), size=size, mode="area")
+    return resized.permute(0, 2, 3, 1).contiguous()
+
+
+def clamp_nnf(nnf: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return torch.stack((nnf[..., 0].clamp(0, height - 1), nnf[..., 1].clamp(0, width - 1)), dim=-1)
+
+
+def identity_nnf(batch: int, height: int, width: int, device: torch.device | str) -> torch.Tensor:
+    ys = torch.arange(height, device=device).view(1, height, 1).expand(batch, height, width)
+    xs = torch.arange(width, device=device).view(1, 1, width).expand(batch, height, width)
+    return torch.stack((ys, xs), dim=-1).contiguous()
+
+
+def random_nnf(batch: int, height: int, width: int, rng: Randomness) -> torch.Tensor:
+    ys = rng.randint(0, height, (batch, height, width))
+    xs = rng.randint(0, width, (batch, height, width))
+    return torch.stack((ys, xs), dim=-1)
+
+
+def upsample_nnf(nnf: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Carry an NNF to the next (about 2x larger) level: the value of the parent pixel times 2, plus 1 on odd
+    rows / columns, clamped to the new size."""
+    _, h_old, w_old, _ = nnf.shape
+    height, width = size
+    ys = torch.arange(height, device=nnf.device)
+    xs = torch.arange(width, device=nnf.device)
+    parent = nnf[:, (ys // 2).clamp(max=h_old - 1)][:, :, (xs // 2).clamp(max=w_old - 1)]
+    odd = torch.stack(torch.meshgrid(ys % 2, xs % 2, indexing="ij"), dim=-1)
+    return clamp_nnf(parent * 2 + odd, height, width)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One level's search steps
+
+
+def features(guide: torch.Tensor, style: torch.Tensor, guide_weight: float) -> torch.Tensor:
+    """Concatenate guide and style so that one SSD gives guide_weight * SSD(guide) + SSD(style)."""
+    return torch.cat((guide * math.sqrt(guide_weight), style), dim=-1)
+
+
+def keep_better(nnf, error, candidate, target, source, patch_size):
+    """Replace NNF entries by the candidate where the candidate's patch error is strictly lower."""
+    candidate_error = kernels.patch_error(target, source, candidate, patch_size)
+    better = candidate_error < error
+    nnf = torch.where(better.unsqueeze(-1), candidate, nnf)
+    return nnf, torch.where(better, candidate_error, error)
+
+
+def propagate(nnf, error, target, source, patch_size, rng: Randomness):
+    """For each of the 4 directions in random order, try the neighbour's match shifted back by one pixel."""
+    height, width = nnf.shape[1:3]
+    for dy, dx in rng.direction_order():
+        ys = (torch.arange(height, device=nnf.device) + dy).clamp(0, height - 1)
+        xs = (torch.arange(width, device=nnf.device) + dx).clamp(0, width - 1)
+        neighbour = nnf[:, ys][:, :, xs]
+        shift = torch.tensor((dy, dx), device=nnf.device)
+        candidate = clamp_nnf(neighbour - shift, height, width)
+        nnf, error = keep_better(nnf, error, candidate, target, source, patch_size)
+    return nnf, error
+
+
+def random_search(nnf, error, target, source, patch_size, rng: Randomness, rounds: int, radius: int):
+    """``rounds`` times: try a uniform random integer offset in [-radius, radius]^2 around the current match."""
+    height, width = nnf.shape[1:3]
+    for _ in range(rounds):
+        offset = rng.randint(-radius, radius + 1, tuple(nnf.shape))
+        candidate = clamp_nnf(nnf + offset, height, width)
+        nnf, error = keep_better(nnf, error, candidate, target, source, patch_size)
+    return nnf, error
+
+
+def search_level(nnf, source_guide, target_guide, source_style, target_style, params: PatchMatchParams, rng):
+    """num_iter iterations of (remap, error, propagation, random search) with shrinking patch sizes."""
+    source = features(source_guide, source_style, params.guide_weight)
+    for patch_size in params.patch_sizes():
+        estimate = target_style if target_style is not None else kernels.remap(source_style, nnf, patch_size)
+        target = features(target_guide, estimate, params.guide_weight)
+        error = kernels.patch_error(target, source, nnf, patch_size)
+        nnf, error = propagate(nnf, error, target, source, patch_size, rng)
+        nnf, error = random_search(
+            nnf, error, target, source, patch_size, rng, params.random_search_rounds, params.random_search_radius
+        )
+    return nnf
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _as_batch(image: torch.Tensor, batch: int) -> torch.Tensor:
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    return image.expand(batch, *image.shape[1:]).float()
+
+
+def estimate_nnf(
+    source_guide: torch.Tensor,
+    target_guide: torch.Tensor,
+    source_style: torch.Tensor,
+    target_style: torch.Tensor | None = None,
+    params: PatchMatchParams = PatchMatchParams(),
+    seed: int = 0,
+) -> torch.Tensor:
+    """Pyramid patch match from source to target; returns the finest-level NNF (B, H, W, 2).
+
+    source_guide, source_style: (B, H, W, 3). target_guide, target_style: (B, H, W, 3) or (H, W, 3) (shared by
+    every pair). ``target_style=None`` uses the current remapped source style as the target style (balanced /
+    fast modes); a given target_style is compared against instead (accurate mode).
+    """
+    batch, height, width, _ = source_guide.shape
+    device = source_guide.device
+    rng = Randomness(seed, device)
+    target_guide = _as_batch(target_guide, batch)
+    if target_style is not None:
+        target_style = _as_batch(target_style, batch)
+    levels = params.num_levels(height, width)
+    nnf = None
+    for size in pyramid_sizes(height, width, levels):
+        if nnf is None:
+            if params.initialize == "random":
+                nnf = random_nnf(batch, size[0], size[1], rng)
+            else:
+                nnf = identity_nnf(batch, size[0], size[1], device)
+        else:
+            nnf = upsample_nnf(nnf, size)
+        nnf = search_level(
+            nnf,
+            resize_area(source_guide, size),
+            resize_area(target_guide, size),
+            resize_area(source_style, size),
+            None if target_style is None else resize_area(target_style, size),
+            params,
+            rng,
+        )
+    return nnf
+
+
+def warp(
+    source_guide: torch.Tensor,
+    target_guide: torch.Tensor,
+    source_style: torch.Tensor,
+    target_style: torch.Tensor | None = None,
+    params: PatchMatchParams = PatchMatchParams(),
+    seed: int = 0,
+) -> torch.Tensor:
+    """Warp each source style image onto its target: estimate the NNF, then patch-vote with the smallest patch.
+    Returns (B, H, W, 3) float32."""
+    nnf = estimate_nnf(source_guide, target_guide, source_style, target_style, params, seed)
+    return kernels.remap(source_style.float(), nnf, params.patch_sizes()[-1])

@@ -1,0 +1,124 @@
+"""The render: the ten stages wired from a config, run by the generic runner in one run folder."""
+
+import logging
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+from .cache import RunCache, atomic_write
+from .config import RenderConfig, config_json
+from .errors import UserError
+from .models.loader import ModelStore
+from .runner import run_stages
+from .stages.annotate import AnnotateStage
+from .stages.crop import CropStage
+from .stages.decode import DecodeStage
+from .stages.denoise import DenoiseStepStage, DenoiseWindowsStage
+from .stages.encode import VIDEO_KEY, EncodeStage
+from .stages.latents import InitialLatentsStage
+from .stages.prompts import PromptStage
+from .stages.vae_decode import VaeDecodeStage
+from .video import probe
+
+log = logging.getLogger("diffsynth")
+
+
+@dataclass
+class RenderContext:
+    config: RenderConfig
+    cache: RunCache
+    models: ModelStore
+
+
+def frame_range(frames_config, source):
+    start = frames_config.start_frame_id
+    end = len(source) if frames_config.end_frame_id is None else min(frames_config.end_frame_id, len(source))
+    if start >= end:
+        raise UserError(f"frame range [{start}, {frames_config.end_frame_id}) of {source.path} holds no frames "
+                        f"(it has {len(source)}); check data.input_frames.start_frame_id / end_frame_id")
+    return start, end
+
+
+def build_stages(ctx):
+    """The ordered stage list for a config. Frame sources shared by several consumers are decoded once."""
+    config = ctx.config
+    inputs = config.pipeline.pipeline_inputs
+    if inputs.smoother_progress_ids or config.smoother_configs:
+        raise UserError("smoothing (pipeline.pipeline_inputs.smoother_progress_ids / smoother_configs) needs "
+                        "FastBlend, which this version does not have yet; remove those keys")
+    stages = []
+    frame_stages = {}  # FramesConfig JSON → its crop stage
+
+    def cropped_frames(frames_config, suffix):
+        key = frames_config.model_dump_json()
+        if key not in frame_stages:
+            source = probe(frames_config)
+            decoded = DecodeStage(ctx, frames_config, source, frame_range(frames_config, source),
+                                  name=f"decode{suffix}")
+            cropped = CropStage(ctx, decoded, frames_config, name=f"crop{suffix}")
+            stages.extend([decoded, cropped])
+            frame_stages[key] = (cropped, source)
+        return frame_stages[key]
+
+    input_crop, input_source = cropped_frames(config.data.input_frames, "")
+    start, end = input_crop.decoded.start, input_crop.decoded.end
+    num_frames = end - start
+    control_sources = []
+    for index, unit in enumerate(config.models.controlnet_units):
+        cropped, _ = cropped_frames(config.controlnet_frames_for(index), f".controlnet{index}")
+        if len(cropped.unit_keys()) != num_frames:
+            raise UserError(f"data.controlnet_frames[{index}] has {len(cropped.unit_keys())} frames in range, "
+                            f"the input has {num_frames}; give both the same range")
+        if unit.processor_id == "tile":
+            control_sources.append(cropped)  # the cropped frame itself: no copy
+        else:
+            annotated = AnnotateStage(ctx, cropped, unit.processor_id, name=f"annotate.{index}.{unit.processor_id}")
+            stages.append(annotated)
+            control_sources.append(annotated)
+
+    prompts = PromptStage(ctx)
+    latents = InitialLatentsStage(ctx, input_crop, first_frame_id=start)
+    stages += [prompts, latents]
+    for step_index in range(inputs.num_inference_steps):
+        windows = DenoiseWindowsStage(ctx, step_index, latents, prompts, control_sources, num_frames)
+        latents = DenoiseStepStage(ctx, step_index, latents, windows)
+        stages += [windows, latents]
+    decoded = VaeDecodeStage(ctx, latents)
+    stages.append(decoded)
+    fps = Fraction(config.data.fps).limit_denominator(1001 * 1000) if config.data.fps else input_source.fps
+    audio = None
+    if input_source.is_video:
+        audio = (input_source.path, input_source.seconds(start), input_source.seconds(end))
+    stages.append(EncodeStage(ctx, decoded, fps, audio))
+    return stages
+
+
+def render(config, progress=True):
+    """Run or resume the render of `config` in its output folder; returns the path of video.mp4."""
+    run_dir = Path(config.data.output_folder)
+    cache = RunCache(run_dir)
+    try:
+        cache.lock()
+        handler = _log_to(run_dir / "render.log")
+        try:
+            atomic_write(run_dir / "config.json", config_json(config).encode())
+            ctx = RenderContext(config, cache, ModelStore(config.models))
+            stages = build_stages(ctx)
+            log.info("render of %s: %d stages", run_dir, len(stages))
+            run_stages(stages, cache, progress=progress)
+            log.info("render complete: %s", run_dir / VIDEO_KEY)
+        finally:
+            logging.getLogger("diffsynth").removeHandler(handler)
+            handler.close()
+    finally:
+        cache.close()
+    return run_dir / VIDEO_KEY
+
+
+def _log_to(path):
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("diffsynth")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return handler

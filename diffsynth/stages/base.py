@@ -1,0 +1,54 @@
+"""What every stage is: named work units whose results go through the run's disk cache.
+
+A stage declares its inputs (other stages), its parameters and a code version; together they make its fingerprint,
+so a change anywhere upstream makes it stale. It lists its unit keys and computes units from cached inputs.
+"""
+
+from functools import cached_property
+
+from ..cache import bytes_to_image, bytes_to_tensors, fingerprint
+
+
+class Stage:
+    name = "stage"
+    version = "1"          # bump when the stage's code changes what it writes
+    ephemeral = False      # files deleted once every stage reading them is complete (denoising intermediates)
+
+    def __init__(self, ctx, inputs=()):
+        self.ctx = ctx
+        self.inputs = tuple(inputs)
+
+    def params(self):
+        """Everything besides the inputs that decides this stage's results."""
+        return {}
+
+    def unit_keys(self):
+        raise NotImplementedError
+
+    def compute(self, key):
+        """The bytes of one unit (and, optionally, its path relative to the run folder) as (data, path)."""
+        raise NotImplementedError
+
+    def run(self, pending_keys):
+        """Yield (key, data, path) for each pending key. Stages that stream (video decode, video encode) override."""
+        for key in pending_keys:
+            data, path = self.compute(key)
+            yield key, data, path
+
+    @cached_property
+    def fingerprint(self):
+        return fingerprint(self.name, self.version, self.params(), [stage.fingerprint for stage in self.inputs])
+
+    # --- reading inputs, one way each ------------------------------------------------------------------------------
+    def read_bytes(self, stage, key):
+        return self.ctx.cache.read(stage.name, key)
+
+    def read_image(self, stage, key):
+        return bytes_to_image(self.read_bytes(stage, key))
+
+    def read_tensors(self, stage, key):
+        return bytes_to_tensors(self.read_bytes(stage, key))
+
+
+def frame_key(index, extension):
+    return f"{index:06d}.{extension}"

@@ -1,0 +1,177 @@
+"""Stage 6, denoise: for each DDIM step, two stages.
+
+- `denoise.<k>.windows`: one unit per AnimateDiff sliding window — the window's ε with classifier-free guidance
+  (both halves in one batch) and every ControlNet unit's residuals × its scale. A crash loses at most one window.
+- `denoise.<k>.step`: one unit per frame — the tent-weighted mean of the ε of the windows holding the frame, then
+  the DDIM step to the next timestep.
+Both are ephemeral: once the next step is complete their files are deleted, so disk use stays at about two steps'
+latents and one step's ε, however many steps there are.
+"""
+
+import math
+from functools import lru_cache
+
+import torch
+
+from ..cache import tensors_to_bytes
+from ..errors import UserError
+from ..schedule import alphas_cumprod, ddim_step, sliding_windows, tent_weight, timesteps, windows_containing
+from .base import Stage, frame_key
+from .latents import image_to_vae_input
+
+
+def denoising_schedule(ctx):
+    inputs = ctx.config.pipeline.pipeline_inputs
+    steps = timesteps(inputs.denoising_strength, inputs.num_inference_steps)
+    alphas = alphas_cumprod(ctx.models.has_motion_module)
+    alpha_t = [alphas[t].item() for t in steps]
+    return steps, alpha_t, alpha_t[1:] + [1.0]
+
+
+def window_plan(ctx, num_frames):
+    inputs = ctx.config.pipeline.pipeline_inputs
+    if ctx.models.has_motion_module and inputs.animatediff_batch_size > ctx.models.motion_max_frames:
+        raise UserError(f"pipeline.pipeline_inputs.animatediff_batch_size {inputs.animatediff_batch_size} is longer "
+                        f"than the motion module's {ctx.models.motion_max_frames} frames; use at most that")
+    return sliding_windows(num_frames, inputs.animatediff_batch_size, inputs.animatediff_stride)
+
+
+class DenoiseWindowsStage(Stage):
+    version = "1"
+    ephemeral = True
+
+    def __init__(self, ctx, step_index, latents, prompts, control_sources, num_frames):
+        super().__init__(ctx, [latents, prompts, *control_sources])
+        self.name = f"denoise.{step_index:03d}.windows"
+        self.step_index = step_index
+        self.latents, self.prompts, self.control_sources = latents, prompts, control_sources
+        self.windows = window_plan(ctx, num_frames)
+        self.timestep = denoising_schedule(ctx)[0][step_index]
+
+    def params(self):
+        inputs = self.ctx.config.pipeline.pipeline_inputs
+        return {"timestep": self.timestep, "windows": self.windows, "cfg_scale": inputs.cfg_scale,
+                "controlnet_scales": [u.scale for u in self.ctx.config.models.controlnet_units],
+                "controlnet_batch_size": inputs.controlnet_batch_size, "unet_batch_size": inputs.unet_batch_size,
+                "models": self.ctx.models.identity("unet"), "dtype": str(self.ctx.models.dtype)}
+
+    def unit_keys(self):
+        return [f"w{j:05d}.safetensors" for j in range(len(self.windows))]
+
+    def _window_inputs(self, start, end):
+        latents = torch.stack([self.read_tensors(self.latents, frame_key(i, "safetensors"))["latent"]
+                               for i in range(start, end)])
+        conditions = [torch.cat([image_to_vae_input(self.read_image(source, frame_key(i, "png")), "cpu")
+                                 for i in range(start, end)]).add(1).div(2)  # RGB in [0, 1]
+                      for source in self.control_sources]
+        return latents, conditions
+
+    @torch.no_grad()
+    def compute(self, key):
+        start, end = self.windows[int(key[1:6])]
+        models = self.ctx.models
+        device, dtype = models.device, models.dtype
+        inputs = self.ctx.config.pipeline.pipeline_inputs
+        latents, conditions = self._window_inputs(start, end)
+        frames = end - start
+        embeddings = self.read_tensors(self.prompts, "embeddings.safetensors")
+        # Classifier-free guidance in one batch: [negative × frames, positive × frames].
+        text = torch.cat([embeddings["negative"].expand(frames, -1, -1), embeddings["positive"].expand(frames, -1, -1)])
+        sample = torch.cat([latents, latents]).to(device, dtype)
+        text = text.to(device, dtype)
+        down_residuals, mid_residual = self._controlnet_residuals(sample, text, conditions, inputs)
+        eps = self._unet(sample, text, down_residuals, mid_residual, frames, inputs).float().cpu()
+        eps_negative, eps_positive = eps.chunk(2)
+        eps = eps_negative + inputs.cfg_scale * (eps_positive - eps_negative)
+        return tensors_to_bytes({"eps": eps}), None
+
+    def _controlnet_residuals(self, sample, text, conditions, inputs):
+        """Each unit's residuals × its scale, summed over units; frames in chunks of controlnet_batch_size."""
+        down_total, mid_total = None, None
+        units = self.ctx.config.models.controlnet_units
+        for unit, controlnet, condition in zip(units, self.ctx.models.controlnets, conditions):
+            condition = torch.cat([condition, condition]).to(sample.device, sample.dtype)
+            chunk = inputs.controlnet_batch_size
+            pieces = [controlnet(sample[i:i + chunk], self.timestep, encoder_hidden_states=text[i:i + chunk],
+                                 controlnet_cond=condition[i:i + chunk], conditioning_scale=unit.scale,
+                                 return_dict=False)
+                      for i in range(0, sample.shape[0], chunk)]
+            down = [torch.cat([piece[0][level] for piece in pieces]) for level in range(len(pieces[0][0]))]
+            mid = torch.cat([piece[1] for piece in pieces])
+            if down_total is None:
+                down_total, mid_total = down, mid
+            else:
+                down_total = [a + b for a, b in zip(down_total, down)]
+                mid_total = mid_total + mid
+        return down_total, mid_total
+
+    def _unet(self, sample, text, down_residuals, mid_residual, frames, inputs):
+        unet = self.ctx.models.unet
+        if self.ctx.models.has_motion_module:
+            # The motion module sees all the window's frames at once: (videos, channels, frames, h, w).
+            video = sample.reshape(2, frames, *sample.shape[1:]).permute(0, 2, 1, 3, 4)
+            out = unet(video, self.timestep, encoder_hidden_states=text,
+                       down_block_additional_residuals=down_residuals,
+                       mid_block_additional_residual=mid_residual).sample
+            return out.permute(0, 2, 1, 3, 4).reshape(sample.shape)
+        # Without a motion module frames are independent: unet_batch_size frames per forward.
+        chunk = inputs.unet_batch_size
+        outputs = []
+        for i in range(0, sample.shape[0], chunk):
+            residuals = None if down_residuals is None else [r[i:i + chunk] for r in down_residuals]
+            outputs.append(unet(sample[i:i + chunk], self.timestep, encoder_hidden_states=text[i:i + chunk],
+                                down_block_additional_residuals=residuals,
+                                mid_block_additional_residual=None if mid_residual is None else
+                                mid_residual[i:i + chunk]).sample)
+        return torch.cat(outputs)
+
+
+def combine_window_eps(index, windows, read_window_eps):
+    """The tent-weighted mean of the ε of every window that holds frame `index`."""
+    total, weight_sum = None, 0.0
+    for j in windows_containing(index, windows):
+        start, end = windows[j]
+        weight = tent_weight(index, start, end)
+        eps = read_window_eps(j)[index - start] * weight
+        total = eps if total is None else total + eps
+        weight_sum += weight
+    return total / weight_sum
+
+
+class DenoiseStepStage(Stage):
+    """One DDIM step per frame. With `smoothed` (in-loop smoothing at this step), x0 is replaced by the smoothed
+    frames, VAE-encoded, and ε recomputed from it before the step."""
+    version = "1"
+    ephemeral = True
+
+    def __init__(self, ctx, step_index, latents, windows_stage, smoothed=None):
+        super().__init__(ctx, [latents, windows_stage] + ([smoothed] if smoothed else []))
+        self.name = f"denoise.{step_index:03d}.step"
+        self.step_index = step_index
+        self.latents, self.windows_stage, self.smoothed = latents, windows_stage, smoothed
+        steps, alpha_t, alpha_prev = denoising_schedule(ctx)
+        self.alpha_t, self.alpha_prev = alpha_t[step_index], alpha_prev[step_index]
+        self.ephemeral = step_index < len(steps) - 1  # the final latents are kept for the VAE decode
+        cache_size = math.ceil(ctx.config.pipeline.pipeline_inputs.animatediff_batch_size /
+                               ctx.config.pipeline.pipeline_inputs.animatediff_stride) + 1
+        self._window_eps = lru_cache(maxsize=cache_size)(self._read_window_eps)
+
+    def params(self):
+        return {"alpha_t": self.alpha_t, "alpha_prev": self.alpha_prev}
+
+    def unit_keys(self):
+        return self.latents.unit_keys()
+
+    def _read_window_eps(self, j):
+        return self.read_tensors(self.windows_stage, f"w{j:05d}.safetensors")["eps"]
+
+    def eps(self, index):
+        return combine_window_eps(index, self.windows_stage.windows, self._window_eps)
+
+    def compute(self, key):
+        index = int(key.split(".")[0])
+        x_t = self.read_tensors(self.latents, key)["latent"]
+        eps = self.eps(index)
+        if self.smoothed is not None:
+            eps = self.smoothed.eps_from_smoothed(key, x_t, self.alpha_t)
+        return tensors_to_bytes({"latent": ddim_step(x_t, eps, self.alpha_t, self.alpha_prev)}), None

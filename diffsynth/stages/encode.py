@@ -1,0 +1,48 @@
+"""Stage 10, encode: the final frames as frames/00000.png … and video.mp4 (H.264, the source's frame rate and
+the source's audio for the rendered range)."""
+
+from pathlib import Path
+
+from ..cache import bytes_to_image, write_atomically
+from ..video import encode_video, encoder_name
+from .base import Stage
+
+VIDEO_KEY = "video.mp4"
+
+
+class EncodeStage(Stage):
+    name = "encode"
+    version = "1"
+
+    def __init__(self, ctx, final_frames, fps, audio):
+        super().__init__(ctx, [final_frames])
+        self.final_frames = final_frames
+        self.fps = fps
+        self.audio = audio  # (source path, start seconds, end seconds) or None
+
+    def params(self):
+        data = self.ctx.config.data
+        return {"fps": str(self.fps), "crf": data.crf, "audio": self.audio,
+                "size": [data.input_frames.width, data.input_frames.height]}
+
+    def frame_keys(self):
+        return [f"frames/{int(key.split('.')[0]):05d}.png" for key in self.final_frames.unit_keys()]
+
+    def unit_keys(self):
+        return self.frame_keys() + [VIDEO_KEY]
+
+    def compute(self, key):
+        if key == VIDEO_KEY:
+            return self._encode(), VIDEO_KEY
+        source_key = f"{int(Path(key).stem):06d}.png"
+        return self.read_bytes(self.final_frames, source_key), key
+
+    def _encode(self):
+        """Stream the frames into the encoder (one frame in memory at a time), writing the video atomically in
+        place; the runner records it (data None = the file is already there)."""
+        frames_config = self.ctx.config.data.input_frames
+        frames = (bytes_to_image(self.read_bytes(self.final_frames, key)) for key in self.final_frames.unit_keys())
+        write_atomically(self.ctx.cache.run_dir / VIDEO_KEY, lambda tmp: encode_video(
+            tmp, frames, self.fps, self.ctx.config.data.crf, frames_config.width, frames_config.height,
+            audio=self.audio, codec=encoder_name()))
+        return None

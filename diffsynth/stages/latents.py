@@ -1,0 +1,51 @@
+"""Stage 5, initial latents: per frame, noise drawn from (seed, source frame id); with denoising_strength < 1 the
+cropped frame is VAE-encoded (mean × 0.18215) and noised to the first timestep."""
+
+import torch
+
+from ..cache import tensors_to_bytes
+from ..schedule import LATENT_SCALE, add_noise, alphas_cumprod, frame_noise, timesteps
+from .base import Stage
+
+
+def image_to_vae_input(image, device):
+    """uint8 (H, W, 3) → float32 (1, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
+
+
+class InitialLatentsStage(Stage):
+    name = "latents"
+    version = "1"
+
+    def __init__(self, ctx, cropped, first_frame_id):
+        super().__init__(ctx, [cropped])
+        self.cropped = cropped
+        self.first_frame_id = first_frame_id
+
+    def params(self):
+        inputs = self.ctx.config.pipeline.pipeline_inputs
+        params = {"seed": self.ctx.config.pipeline.seed, "strength": inputs.denoising_strength,
+                  "steps": inputs.num_inference_steps, "first_frame_id": self.first_frame_id,
+                  "motion": self.ctx.models.has_motion_module}
+        if inputs.denoising_strength < 1:
+            params["models"] = self.ctx.models.identity("vae")
+        return params
+
+    def unit_keys(self):
+        return [key.replace(".png", ".safetensors") for key in self.cropped.unit_keys()]
+
+    @torch.no_grad()
+    def compute(self, key):
+        frames = self.ctx.config.data.input_frames
+        index = int(key.split(".")[0])
+        noise = frame_noise(self.ctx.config.pipeline.seed, self.first_frame_id + index,
+                            (4, frames.height // 8, frames.width // 8))
+        inputs = self.ctx.config.pipeline.pipeline_inputs
+        if inputs.denoising_strength >= 1:
+            return tensors_to_bytes({"latent": noise}), None
+        vae = self.ctx.models.vae
+        image = self.read_image(self.cropped, key.replace(".safetensors", ".png"))
+        x0 = vae.encode(image_to_vae_input(image, vae.device)).latent_dist.mean[0].float().cpu() * LATENT_SCALE
+        alpha = alphas_cumprod(self.ctx.models.has_motion_module)[
+            timesteps(inputs.denoising_strength, inputs.num_inference_steps)[0]].item()
+        return tensors_to_bytes({"latent": add_noise(x0, noise, alpha)}), None

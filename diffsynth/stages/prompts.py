@@ -1,0 +1,55 @@
+"""Stage 4, prompts: the positive and negative text embeddings, stored once.
+
+clip_skip k takes the output of the k-th text-encoder layer from the end, then the final layer norm. Prompts longer
+than 77 tokens are encoded in 77-token chunks, concatenated along the sequence; the shorter prompt is padded with
+chunks of the empty prompt so both halves of classifier-free guidance have the same length.
+"""
+
+import torch
+
+from ..cache import tensors_to_bytes
+from .base import Stage
+
+CHUNK = 75  # tokens per chunk between the start and end tokens
+
+
+def token_chunks(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
+    chunks = [ids[i:i + CHUNK] for i in range(0, len(ids), CHUNK)] or [[]]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return [[tokenizer.bos_token_id] + chunk + [tokenizer.eos_token_id] + [pad] * (CHUNK - len(chunk))
+            for chunk in chunks]
+
+
+@torch.no_grad()
+def encode_chunks(text_encoder, chunks, clip_skip):
+    ids = torch.tensor(chunks, device=text_encoder.device)
+    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+    final_layer_norm = getattr(text_encoder, "final_layer_norm", None) or text_encoder.text_model.final_layer_norm
+    return final_layer_norm(hidden).float().reshape(1, -1, hidden.shape[-1]).cpu()
+
+
+class PromptStage(Stage):
+    name = "prompts"
+    version = "1"
+
+    def params(self):
+        inputs = self.ctx.config.pipeline.pipeline_inputs
+        return {"prompt": inputs.prompt, "negative_prompt": inputs.negative_prompt, "clip_skip": inputs.clip_skip,
+                "models": self.ctx.models.identity("text")}
+
+    def unit_keys(self):
+        return ["embeddings.safetensors"]
+
+    def compute(self, key):
+        inputs = self.ctx.config.pipeline.pipeline_inputs
+        tokenizer, encoder = self.ctx.models.tokenizer, self.ctx.models.text_encoder
+        positive, negative = token_chunks(tokenizer, inputs.prompt), token_chunks(tokenizer, inputs.negative_prompt)
+        empty = token_chunks(tokenizer, "")
+        length = max(len(positive), len(negative))
+        positive += empty * (length - len(positive))
+        negative += empty * (length - len(negative))
+        return tensors_to_bytes({
+            "positive": encode_chunks(encoder, positive, inputs.clip_skip),
+            "negative": encode_chunks(encoder, negative, inputs.clip_skip),
+        }), None

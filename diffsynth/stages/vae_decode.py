@@ -1,0 +1,35 @@
+"""Stage 8, VAE decode: per frame, latents → RGB PNG with the decoder in float32 (float16 decoders give black
+frames)."""
+
+import torch
+
+from ..cache import image_to_bytes
+from ..schedule import LATENT_SCALE
+from .base import Stage
+
+
+@torch.no_grad()
+def decode_latent(vae, latent):
+    """float32 (4, h, w) latent → uint8 (H, W, 3)."""
+    image = vae.decode(latent[None].to(vae.device, torch.float32) / LATENT_SCALE).sample[0]
+    image = (image.float().cpu() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return image.permute(1, 2, 0).numpy()
+
+
+class VaeDecodeStage(Stage):
+    name = "vae_decode"
+    version = "1"
+
+    def __init__(self, ctx, latents):
+        super().__init__(ctx, [latents])
+        self.latents = latents
+
+    def params(self):
+        return {"models": self.ctx.models.identity("vae")}
+
+    def unit_keys(self):
+        return [key.replace(".safetensors", ".png") for key in self.latents.unit_keys()]
+
+    def compute(self, key):
+        latent = self.read_tensors(self.latents, key.replace(".png", ".safetensors"))["latent"]
+        return image_to_bytes(decode_latent(self.ctx.models.vae, latent)), None

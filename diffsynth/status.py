@@ -1,0 +1,26 @@
+"""What a run folder holds: per stage done/total, bytes on disk, complete or not; running or not."""
+
+from pathlib import Path
+
+from .cache import RunCache
+from .errors import UserError
+
+
+def run_status(run_dir):
+    run_dir = Path(run_dir)
+    if not (run_dir / "manifest.sqlite").is_file():
+        raise UserError(f"{run_dir} is not a run folder (no manifest.sqlite)")
+    cache = RunCache(run_dir)
+    try:
+        stages = []
+        for name, _, total, retired in cache.stage_rows():
+            done = total if retired else cache.count_done(name)
+            stages.append({"name": name, "done": done, "total": total, "complete": done >= total,
+                           "retired": bool(retired), "bytes": 0 if retired else cache.bytes_on_disk(name)})
+        complete = bool(stages) and all(stage["complete"] for stage in stages)
+        running = cache.is_locked()
+        state = "running" if running else "complete" if complete else "interrupted"
+        return {"run_dir": str(run_dir), "state": state, "complete": complete, "stages": stages,
+                "video": str(run_dir / "video.mp4") if complete else None}
+    finally:
+        cache.close()
