@@ -1,13 +1,14 @@
 """The render: the ten stages wired from a config, run by the generic runner in one run folder."""
 
 import logging
+import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 from .cache import RunCache, atomic_write
 from .config import RenderConfig, config_json
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .models.loader import ModelStore
 from .runner import run_stages
 from .stages.annotate import AnnotateStage
@@ -105,8 +106,19 @@ def render(config, progress=True):
             ctx = RenderContext(config, cache, ModelStore(config.models))
             stages = build_stages(ctx)
             log.info("render of %s: %d stages", run_dir, len(stages))
+            cache.set_value("outcome", {"state": "running", "pid": os.getpid()})
             run_stages(stages, cache, progress=progress)
+            cache.set_value("outcome", {"state": "complete"})
             log.info("render complete: %s", run_dir / VIDEO_KEY)
+        except Interrupted as interruption:
+            cache.set_value("outcome", {"state": "interrupted", "message": str(interruption)})
+            log.warning("interrupted: %s", interruption)
+            raise
+        except Exception as error:  # noqa: BLE001 - record why, then let the CLI report it
+            cache.set_value("outcome", {"state": "failed", "message": str(error).splitlines()[0] if str(error)
+                                        else type(error).__name__})
+            log.exception("render failed")
+            raise
         finally:
             logging.getLogger("diffsynth").removeHandler(handler)
             handler.close()

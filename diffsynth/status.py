@@ -18,9 +18,14 @@ def run_status(run_dir):
             stages.append({"name": name, "done": done, "total": total, "complete": done >= total,
                            "retired": bool(retired), "bytes": 0 if retired else cache.bytes_on_disk(name)})
         complete = bool(stages) and all(stage["complete"] for stage in stages)
-        running = cache.is_locked()
-        state = "running" if running else "complete" if complete else "interrupted"
+        outcome = cache.get_value("outcome", {})
+        if cache.is_locked():
+            state = "running"
+        elif complete:
+            state = "complete"
+        else:  # a killed process recorded nothing after "running": that is an interruption too
+            state = "failed" if outcome.get("state") == "failed" else "interrupted"
         return {"run_dir": str(run_dir), "state": state, "complete": complete, "stages": stages,
-                "video": str(run_dir / "video.mp4") if complete else None}
+                "message": outcome.get("message"), "video": str(run_dir / "video.mp4") if complete else None}
     finally:
         cache.close()
