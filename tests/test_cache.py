@@ -1,0 +1,138 @@
+"""The disk cache and the generic runner, with toy stages (no models): torn writes, corruption, fingerprints,
+ephemeral stages."""
+
+import sqlite3
+
+import pytest
+
+from diffsynth.cache import CorruptUnit, RunCache
+from diffsynth.runner import run_stages
+from diffsynth.stages.base import Stage
+
+
+class Counter:
+    def __init__(self):
+        self.calls = []
+
+
+class Numbers(Stage):
+    """Unit i holds the bytes of (i + offset)."""
+
+    def __init__(self, ctx, name, count, offset=0, inputs=(), ephemeral=False):
+        super().__init__(ctx, inputs)
+        self.name, self.count, self.offset, self.ephemeral = name, count, offset, ephemeral
+
+    def params(self):
+        return {"count": self.count, "offset": self.offset}
+
+    def unit_keys(self):
+        return [f"{i:03d}" for i in range(self.count)]
+
+    def compute(self, key):
+        self.ctx.calls.append((self.name, key))
+        value = int(key) + self.offset
+        for upstream in self.inputs:
+            value += int(self.read_bytes(upstream, key))
+        return str(value).encode(), None
+
+
+def pipeline(ctx, offset=0, ephemeral_middle=False):
+    first = Numbers(ctx, "first", 5, offset)
+    middle = Numbers(ctx, "middle", 5, 10, [first], ephemeral=ephemeral_middle)
+    last = Numbers(ctx, "last", 5, 100, [middle])
+    return [first, middle, last]
+
+
+@pytest.fixture
+def run(tmp_path):
+    def _run(**kwargs):
+        ctx = Counter()
+        ctx.cache = RunCache(tmp_path / "run")
+        stages = pipeline(ctx, **kwargs)
+        run_stages(stages, ctx.cache, progress=False)
+        results = {s.name: [ctx.cache.read(s.name, k) for k in s.unit_keys()] for s in stages
+                   if not ctx.cache.is_retired(s.name)}
+        ctx.cache.close()
+        return ctx.calls, results
+    return _run
+
+
+def test_complete_run_is_not_recomputed(run):
+    calls, results = run()
+    assert len(calls) == 15
+    assert results["last"] == [str(i + 100 + i + 10 + i).encode() for i in range(5)]
+    calls, again = run()
+    assert calls == [] and again == results
+
+
+def test_torn_writes_do_not_count_as_done(run, tmp_path):
+    _, reference = run()
+    cache_dir = tmp_path / "run" / "cache"
+    # A crash after the temp file was written: the temp file is a leftover, the unit is not done.
+    (cache_dir / "middle" / "002.tmp").write_bytes(b"half")
+    # A crash between rename and the manifest row: the row is missing, the file must not count.
+    db = sqlite3.connect(tmp_path / "run" / "manifest.sqlite")
+    db.execute("DELETE FROM units WHERE stage = 'middle' AND key = '003'")
+    # A row whose file was truncated (a disk that lied about fsync): wrong size, not done.
+    db.commit()
+    db.close()
+    (cache_dir / "last" / "004").write_bytes(b"1")
+    calls, results = run()
+    assert sorted(calls) == [("last", "004"), ("middle", "003")]
+    assert not (cache_dir / "middle" / "002.tmp").exists()
+    assert results == reference
+
+
+def test_corrupted_file_is_detected_on_read_and_recomputed(run, tmp_path):
+    _, reference = run()
+    corrupt = tmp_path / "run" / "cache" / "middle" / "001"
+    corrupt.write_bytes(b"99")  # same size, different content: only the checksum can tell
+    db = sqlite3.connect(tmp_path / "run" / "manifest.sqlite")
+    db.execute("DELETE FROM units WHERE stage = 'last' AND key = '001'")  # so that someone reads middle/001
+    db.commit()
+    db.close()
+    calls, results = run()
+    # last/001 reads the corrupt unit and stops, middle/001 is recomputed, then last/001 completes.
+    assert calls == [("last", "001"), ("middle", "001"), ("last", "001")]
+    assert results == reference
+
+
+def test_read_of_a_corrupt_unit_raises(tmp_path):
+    cache = RunCache(tmp_path)
+    cache.write("s", "k", b"hello")
+    (tmp_path / "cache" / "s" / "k").write_bytes(b"jello")
+    with pytest.raises(CorruptUnit):
+        cache.read("s", "k")
+
+
+def test_changed_parameters_recompute_exactly_the_downstream_stages(run):
+    run()
+    calls, results = run(offset=1)
+    assert {name for name, _ in calls} == {"first", "middle", "last"}
+    calls, _ = run(offset=1)
+    assert calls == []
+
+
+def test_ephemeral_stage_is_deleted_when_its_readers_are_done_and_rebuilt_when_needed(run, tmp_path):
+    _, reference = run(ephemeral_middle=True)
+    assert not list((tmp_path / "run" / "cache" / "middle").glob("*"))
+    # Lose a unit of the last stage: middle is needed again, so the runner recomputes it first.
+    (tmp_path / "run" / "cache" / "last" / "002").write_bytes(b"x")
+    calls, results = run(ephemeral_middle=True)
+    assert [c for c in calls if c[0] == "middle"] == [("middle", f"{i:03d}") for i in range(5)]
+    assert [c for c in calls if c[0] == "last"] == [("last", "002")]
+    assert results["last"] == reference["last"]
+
+
+def test_second_process_cannot_take_the_lock(tmp_path):
+    from diffsynth.errors import UserError
+    first = RunCache(tmp_path)
+    first.lock()
+    second = RunCache(tmp_path)
+    with pytest.raises(UserError, match="in use"):
+        second.lock()
+    assert second.is_locked()
+    first.close()
+    assert not second.is_locked()
+    second.lock()
+    second.close()
