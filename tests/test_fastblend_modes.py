@@ -53,7 +53,7 @@ MODES = {
     "balanced": FastBlendConfig(inference_mode="balanced", window_size=3, **SMALL),
     "accurate": FastBlendConfig(inference_mode="accurate", window_size=3, **SMALL),
     "fast": FastBlendConfig(inference_mode="fast", window_size=4, **SMALL),
-    "interpolation": FastBlendConfig(inference_mode="interpolation", keyframe_ids=(0, 3, 6, 9, 11), **SMALL),
+    "interpolation": FastBlendConfig(inference_mode="interpolation", keyframe_ids=(0, 6, 11), **SMALL),
 }
 
 
