@@ -62,6 +62,12 @@ def scene():
     return flickering_scene()
 
 
+@pytest.fixture(scope="module")
+def small_scene():
+    """A smaller clip for the bookkeeping tests, which run units more than once."""
+    return flickering_scene(num_frames=10, size=32, seed=1)
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_mode_halves_flicker_and_lowers_error(scene, mode):
     clean, style = scene
@@ -134,24 +140,24 @@ def run_units(plan, frames, tables, dtype=torch.float16):
 
 
 @pytest.mark.parametrize("mode", ["fast", "balanced"])
-def test_needed_tables_frame_locality_and_float16_tables(scene, mode):
-    clean, style = scene
+def test_needed_tables_frame_locality_and_float16_tables(small_scene, mode):
+    clean, style = small_scene
     config = FastBlendConfig(inference_mode=mode, window_size=5, **SMALL)
     plan = SmoothingPlan(len(clean), config)
     frames = CountingFrames(clean, style, "cpu")
     half = run_units(plan, frames, DictTables(torch.float16))
-    full = run_units(plan, frames, DictTables(torch.float32))
     if mode == "fast":
         assert any(plan.needed_tables(k) for k in plan.unit_keys())
-    # float16 tables only perturb the frames slightly (patch matching may pick a few different matches).
-    for a, b in zip(half, full):
-        assert float((a - b).abs().mean()) < 1.0
+        # float16 tables only perturb the frames slightly (patch matching may pick a few different matches).
+        full = run_units(plan, frames, DictTables(torch.float32))
+        for a, b in zip(half, full):
+            assert float((a - b).abs().mean()) < 0.5
 
 
 @pytest.mark.parametrize("mode", ["fast", "accurate", "interpolation"])
-def test_compute_is_deterministic(scene, mode):
-    clean, style = scene
-    config = FastBlendConfig(inference_mode=mode, window_size=4, keyframe_ids=(0, 5, 10), **SMALL)
+def test_compute_is_deterministic(small_scene, mode):
+    clean, style = small_scene
+    config = FastBlendConfig(inference_mode=mode, window_size=4, keyframe_ids=(0, 5, 9), **SMALL)
     plan = SmoothingPlan(len(clean), config)
     frames, tables = ListFrames(clean, style, "cpu"), DictTables()
     keys = plan.unit_keys()
