@@ -119,6 +119,8 @@ def _run_stage(stage, pending, total, cache, stop, progress, hang_hook):
     try:
         for key, data, path in stage.run(pending):
             if data is None:  # the stage wrote the file at `path` itself, atomically
+                if hang_hook:
+                    hang_hook(stage.name, key)
                 cache.record_file(stage.name, key, path)
             else:
                 before_rename = (lambda: hang_hook(stage.name, key)) if hang_hook else None

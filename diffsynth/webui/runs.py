@@ -1,0 +1,327 @@
+"""Launching, watching, cancelling and resuming renders from the web UI.
+
+A render is the CLI's `python -m diffsynth render CONFIG`, started in its own session (start_new_session=True), so
+closing the browser tab, refreshing it or restarting the page's script does not stop it. Everything the page shows is
+read back from the run folder: manifest.sqlite (done/total per stage, unit finish times → rate and ETA, the newest
+finished frame), render.log (the log tail), and webui-process.log (the process's own output, for errors that happen
+before the render's log exists). A run folder is identified by its name under the output root.
+"""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from ..demo import REPO_ROOT
+from ..errors import UserError
+from ..status import run_status
+
+CONFIG_NAME = "config.yaml"        # what the page saved before launching
+RESOLVED_CONFIG = "config.json"    # what the render wrote (absolute paths); Resume prefers it
+PROCESS_LOG = "webui-process.log"
+PID_FILE = "webui.pid"
+ACTIVE_STATES = ("starting", "running")
+FRAME_STAGES = ("encode", "vae_decode")
+
+_children = {}  # pid → Popen, so finished children are reaped (no zombies that look alive)
+
+
+# --- processes ------------------------------------------------------------------------------------------------------
+
+def _pid_alive(pid):
+    if not pid:
+        return False
+    child = _children.get(pid)
+    if child is not None:
+        return child.poll() is None
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child that another page run launched
+    except (ChildProcessError, OSError):
+        pass
+    try:
+        import psutil
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and _is_render_process(process)
+    except Exception:  # noqa: BLE001 - no such process, no access: not ours
+        return False
+
+
+def _is_render_process(process):
+    try:
+        command = " ".join(process.cmdline())
+    except Exception:  # noqa: BLE001
+        return False
+    return "diffsynth" in command and "render" in command
+
+
+def _read_pid(path):
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    digits = text.split()[-1] if text else ""
+    return int(digits) if digits.isdigit() else None
+
+
+def render_pid(run_dir):
+    """The pid of the render working in this run folder, or None: the lock holder, else the process the page
+    launched while it is still starting up (before it takes the lock)."""
+    run_dir = Path(run_dir)
+    for candidate in (_read_pid(run_dir / "lock"), _read_pid(run_dir / PID_FILE)):
+        if candidate and _pid_alive(candidate):
+            return candidate
+    return None
+
+
+def save_run_config(config, run_dir):
+    """Write the validated config into the run folder (absolute paths) before launching; returns its path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = config.model_dump() if hasattr(config, "model_dump") else config
+    path = run_dir / CONFIG_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    os.replace(tmp, path)
+    return path
+
+
+def launch(run_dir, config_path, extra_env=None):
+    """Start `python -m diffsynth render CONFIG` for a run folder in the background; returns its pid.
+    Refuses (UserError) while a render is already working in that folder."""
+    run_dir = Path(run_dir)
+    if render_pid(run_dir):
+        raise UserError(f"a render is already running in {run_dir.name}")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra_env or {})
+    with open(run_dir / PROCESS_LOG, "ab") as log:
+        log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} render {config_path}\n".encode())
+        log.flush()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "diffsynth", "render", str(config_path), "--no-progress"],
+            cwd=str(run_dir), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, env=env, close_fds=True)
+    _children[process.pid] = process
+    (run_dir / PID_FILE).write_text(str(process.pid))
+    return process.pid
+
+
+def resume(run_dir, settings, extra_env=None):
+    """Launch the render again with the run folder's own config (config.json, else config.yaml)."""
+    from .form import path_errors
+    run_dir = Path(run_dir)
+    for name in (RESOLVED_CONFIG, CONFIG_NAME):
+        config_path = run_dir / name
+        if config_path.is_file():
+            break
+    else:
+        raise UserError(f"{run_dir.name} has no config.json or config.yaml to resume from")
+    data = yaml.safe_load(config_path.read_text()) or {}
+    data = dict(data)
+    if isinstance(data.get("data"), dict):
+        data["data"] = dict(data["data"], output_folder=str(run_dir))
+    problems = path_errors(data, settings)
+    if problems:
+        key, message = next(iter(problems.items()))
+        raise UserError(f"cannot resume {run_dir.name}: {key}: {message}")
+    return launch(run_dir, config_path, extra_env)
+
+
+def cancel(run_dir):
+    """Ask the render to stop after its current unit (SIGTERM; the run stays resumable). False if none runs."""
+    pid = render_pid(run_dir)
+    if not pid:
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# --- progress -------------------------------------------------------------------------------------------------------
+
+def tail(path, lines=30, max_bytes=64 * 1024):
+    try:
+        with open(path, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            size = file.tell()
+            file.seek(max(0, size - max_bytes))
+            text = file.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _units(run_dir):
+    """(stage, key, path, finished) rows of the manifest, oldest first."""
+    try:
+        db = sqlite3.connect(f"file:{Path(run_dir) / 'manifest.sqlite'}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return []
+    try:
+        return db.execute("SELECT stage, key, path, finished FROM units ORDER BY finished").fetchall()
+    except sqlite3.Error:
+        return []
+    finally:
+        db.close()
+
+
+def _family(name):
+    """Stages that do the same work per unit: denoise.003.windows ~ denoise.000.windows."""
+    return ".".join("#" if part.isdigit() else part for part in name.split("."))
+
+
+def _active_seconds(times, gap=None):
+    """Seconds of work between the first and last finish time, leaving out long pauses (between an interruption and
+    its resume)."""
+    if len(times) < 2:
+        return 0.0
+    diffs = [b - a for a, b in zip(times, times[1:])]
+    ordered = sorted(diffs)
+    median = ordered[len(ordered) // 2]
+    limit = gap if gap is not None else max(60.0, 20 * median)
+    return sum(d for d in diffs if d <= limit)
+
+
+def progress_metrics(stages, units, now=None):
+    """Per-stage seconds/unit from the finish times, the current stage's rate, frames/s end to end, and the ETA."""
+    now = time.time() if now is None else now
+    by_stage = {}
+    for stage, _, _, finished in units:
+        by_stage.setdefault(stage, []).append(finished)
+    seconds_per_unit = {}
+    for name, times in by_stage.items():
+        if len(times) >= 2:
+            active = _active_seconds(times)
+            if active > 0:
+                seconds_per_unit[name] = active / (len(times) - 1)
+    family_spu = {}
+    for name, spu in seconds_per_unit.items():
+        family_spu.setdefault(_family(name), []).append(spu)
+    all_times = sorted(t for times in by_stage.values() for t in times)
+    overall_spu = (_active_seconds(all_times) / (len(all_times) - 1)) if len(all_times) >= 2 else None
+
+    def estimate(name):
+        if name in seconds_per_unit:
+            return seconds_per_unit[name]
+        family = family_spu.get(_family(name))
+        if family:
+            return sum(family) / len(family)
+        return overall_spu
+
+    current = next((s for s in stages if not s["complete"]), None)
+    remaining = 0.0
+    known = True
+    spent = _active_seconds(all_times)
+    for stage in stages:
+        left = max(0, stage["total"] - stage["done"])
+        if left:
+            spu = estimate(stage["name"])
+            if spu is None:
+                known = False
+            else:
+                remaining += left * spu
+    rate = None
+    if current is not None and current["name"] in seconds_per_unit and seconds_per_unit[current["name"]] > 0:
+        rate = 1.0 / seconds_per_unit[current["name"]]
+    frames = next((s["total"] for s in stages if s["name"] == "vae_decode"), None)
+    fps = None
+    if frames and known and spent + remaining > 0 and len(all_times) >= 2:
+        fps = frames / (spent + remaining)
+    return {"current_stage": current["name"] if current else None, "stage_rate": rate, "fps": fps,
+            "eta_seconds": remaining if (known and current is not None) else (0.0 if current is None else None),
+            "elapsed_seconds": spent, "last_finished": all_times[-1] if all_times else None}
+
+
+def newest_frame(run_dir, units):
+    """The newest finished output frame (an encode frame, else a vae_decode frame) that is still on disk."""
+    for stage, key, path, _ in reversed(units):
+        if stage in FRAME_STAGES and str(path).lower().endswith(".png"):
+            file = Path(run_dir) / path
+            if file.is_file():
+                return file
+    return None
+
+
+def read_progress(run_dir):
+    """Everything the run page shows, read from the run folder. state: new, starting, running, complete,
+    interrupted or failed."""
+    run_dir = Path(run_dir)
+    report = {"run_dir": str(run_dir), "name": run_dir.name, "state": "new", "stages": [], "message": None,
+              "video": None, "frame": None, "log": "", "process_log": tail(run_dir / PROCESS_LOG, 15),
+              "pid": render_pid(run_dir), "metrics": progress_metrics([], [])}
+    if (run_dir / "manifest.sqlite").is_file():
+        try:
+            status = run_status(run_dir)
+        except (UserError, sqlite3.Error) as error:
+            status = {"state": "failed", "stages": [], "message": str(error), "video": None}
+        report.update(state=status["state"], stages=status["stages"], message=status.get("message"),
+                      video=status.get("video"))
+        units = _units(run_dir)
+        report["metrics"] = progress_metrics(report["stages"], units)
+        frame = newest_frame(run_dir, units)
+        report["frame"] = str(frame) if frame else None
+    if report["state"] != "running":
+        if report["pid"]:
+            report["state"] = "starting"  # launched, not holding the lock yet (loading, or a resume just begun)
+        elif report["state"] == "new" and (run_dir / PROCESS_LOG).is_file():
+            report["state"] = "failed"
+        if report["state"] in ("failed", "interrupted") and not report["message"]:
+            report["message"] = _last_error(report["process_log"])
+        elif report["state"] == "failed" and report["message"] is None:
+            report["message"] = "the render exited before starting; see the process log"
+    if report["video"] and not Path(report["video"]).is_file():
+        report["video"] = None
+    report["log"] = tail(run_dir / "render.log", 40)
+    report["done"] = sum(s["done"] for s in report["stages"])
+    report["total"] = sum(s["total"] for s in report["stages"])
+    return report
+
+
+def _last_error(process_log):
+    for line in reversed(process_log.splitlines()):
+        if line.startswith(("error:", "interrupted:")) or "Error" in line.split(":")[0]:
+            return line
+    return None
+
+
+def list_runs(settings):
+    """Every run folder under the output root, newest first, with its state."""
+    root = Path(settings.output)
+    if not root.is_dir():
+        return []
+    runs = []
+    for folder in root.iterdir():
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        if not any((folder / name).exists() for name in ("manifest.sqlite", CONFIG_NAME, PID_FILE)):
+            continue
+        try:
+            report = read_progress(folder)
+        except Exception as error:  # noqa: BLE001 - one broken folder must not hide the others
+            report = {"name": folder.name, "state": "failed", "message": str(error), "done": 0, "total": 0}
+        report["mtime"] = max((folder / n).stat().st_mtime for n in ("manifest.sqlite", CONFIG_NAME, PID_FILE)
+                              if (folder / n).exists())
+        runs.append(report)
+    runs.sort(key=lambda r: r["mtime"], reverse=True)
+    return runs
+
+
+def format_seconds(seconds):
+    if seconds is None:
+        return "—"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"

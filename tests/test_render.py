@@ -1,0 +1,105 @@
+"""A whole render of the small config: its outputs, status, and what a config change recomputes."""
+
+import json
+import shutil
+import sqlite3
+
+import av
+import pytest
+import torch
+
+from conftest import run_cli, small_config, write_config
+from diffsynth.cache import RunCache, bytes_to_tensors
+from diffsynth.config import parse_config
+from diffsynth.models.loader import ModelStore
+from diffsynth.pipeline import RenderContext, build_stages
+from diffsynth.runner import run_stages
+from diffsynth.video import audio_duration
+
+
+@pytest.fixture(scope="module")
+def rendered(demo_assets, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("render")
+    config = write_config(folder / "config.yaml", small_config(demo_assets, folder / "run"))
+    result = run_cli("render", config, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("video.mp4")
+    return folder
+
+
+def unit_times(run_dir):
+    db = sqlite3.connect(run_dir / "manifest.sqlite")
+    rows = db.execute("SELECT stage, key, finished FROM units").fetchall()
+    db.close()
+    return {(stage, key): finished for stage, key, finished in rows}
+
+
+def test_video_has_every_frame_audio_and_source_rate(rendered):
+    with av.open(str(rendered / "run" / "video.mp4")) as container:
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        frames = list(container.decode(video=0))
+        assert len(frames) == 12
+        assert (frames[0].width, frames[0].height) == (64, 64)
+        assert video.average_rate == 12
+        assert audio.codec_context.name == "aac"
+    assert abs(audio_duration(rendered / "run" / "video.mp4") - 1.0) < 0.03  # 12 frames at 12 fps
+    assert sorted(p.name for p in (rendered / "run" / "frames").glob("*.png")) == [f"{i:05d}.png" for i in range(12)]
+    saved = json.loads((rendered / "run" / "config.json").read_text())
+    assert saved["pipeline"]["pipeline_inputs"]["prompt"] == "a toon cat"
+
+
+def test_status_reports_every_stage_complete(rendered):
+    result = run_cli("status", rendered / "run", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["state"] == "complete" and report["complete"]
+    names = [stage["name"] for stage in report["stages"]]
+    assert names[:3] == ["decode", "crop", "annotate.1.canny"]
+    assert names[-2:] == ["vae_decode", "encode"]
+    assert all(stage["complete"] for stage in report["stages"])
+
+
+def test_prompt_change_reuses_everything_upstream_of_the_prompt(rendered, demo_assets, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(rendered / "run", run_dir)
+    before = unit_times(run_dir)
+    config = small_config(demo_assets, run_dir)
+    config["pipeline"]["pipeline_inputs"]["prompt"] = "a toon dog"
+    result = run_cli("render", write_config(tmp_path / "c.yaml", config), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    after = unit_times(run_dir)
+    reused = {stage for (stage, key), t in after.items() if before.get((stage, key)) == t}
+    redone = {stage for (stage, key), t in after.items() if before.get((stage, key)) != t}
+    assert reused == {"decode", "crop", "annotate.1.canny", "latents"}
+    assert {"prompts", "vae_decode", "encode", "denoise.001.step"} <= redone
+    assert not reused & redone
+    assert (rendered / "run" / "frames" / "00003.png").read_bytes() != (run_dir / "frames" / "00003.png").read_bytes()
+
+
+def test_crop_change_recomputes_everything_after_decode(rendered, demo_assets, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(rendered / "run", run_dir)
+    before = unit_times(run_dir)
+    config = small_config(demo_assets, run_dir)
+    config["data"]["input_frames"]["resize_mode"] = "fill"
+    result = run_cli("render", write_config(tmp_path / "c.yaml", config), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    after = unit_times(run_dir)
+    reused = {stage for (stage, key), t in after.items() if before.get((stage, key)) == t}
+    assert reused == {"decode", "prompts"}
+
+
+def test_initial_noise_does_not_depend_on_the_frame_range(demo_assets, tmp_path):
+    """Frame 8's initial latent is the same whether the render starts at frame 0 or at frame 6."""
+    latents = {}
+    for start in (0, 6):
+        config = small_config(demo_assets, tmp_path / f"run{start}")
+        config["data"]["input_frames"]["start_frame_id"] = start
+        config = parse_config(config)
+        cache = RunCache(config.data.output_folder)
+        stages = build_stages(RenderContext(config, cache, ModelStore(config.models)))
+        upto = [s.name for s in stages].index("latents") + 1
+        run_stages(stages[:upto], cache, progress=False)
+        latents[start] = bytes_to_tensors(cache.read("latents", f"{8 - start:06d}.safetensors"))["latent"]
+        cache.close()
+    assert torch.equal(latents[0], latents[6])
