@@ -1,0 +1,110 @@
+"""Bad input gets exit code 2 and one clear line naming the problem — no traceback."""
+
+import pytest
+
+from conftest import run_cli, small_config, write_config
+from diffsynth.cli import main
+
+
+def render_exit(capsys, tmp_path, config):
+    code = main(["render", str(write_config(tmp_path / "config.yaml", config)), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def mutate(demo_assets, tmp_path, change):
+    config = small_config(demo_assets, tmp_path / "run")
+    change(config, tmp_path)
+    return config
+
+
+def missing_video(c, tmp):
+    c["data"]["input_frames"]["video_file"] = str(tmp / "nope.mp4")
+
+
+def text_file_as_video(c, tmp):
+    (tmp / "notes.mp4").write_text("this is not a video\n")
+    c["data"]["input_frames"]["video_file"] = str(tmp / "notes.mp4")
+
+
+def zero_frame_range(c, tmp):
+    c["data"]["input_frames"]["start_frame_id"] = 500
+    c["data"]["input_frames"]["end_frame_id"] = 600
+
+
+def width_not_multiple_of_8(c, tmp):
+    c["data"]["input_frames"]["width"] = 100
+
+
+def window_longer_than_motion_module(c, tmp):
+    c["pipeline"]["pipeline_inputs"]["animatediff_batch_size"] = 40
+
+
+def missing_model(c, tmp):
+    c["models"]["controlnet_units"][0]["model_path"] = str(tmp / "control_v11f1e_sd15_tile.pth")
+
+
+def misspelt_key(c, tmp):
+    c["pipeline"]["pipeline_inputs"]["cfg_scael"] = c["pipeline"]["pipeline_inputs"].pop("cfg_scale")
+
+
+CASES = [
+    (missing_video, "video file not found"),
+    (text_file_as_video, "cannot read"),
+    (zero_frame_range, "holds no frames"),
+    (width_not_multiple_of_8, "data.input_frames"),
+    (window_longer_than_motion_module, "animatediff_batch_size 40"),
+    (missing_model, "model file not found"),
+    (misspelt_key, "unknown config key 'pipeline.pipeline_inputs.cfg_scael' (did you mean 'cfg_scale'?)"),
+]
+
+
+@pytest.mark.parametrize("change, expected", CASES, ids=[case[0].__name__ for case in CASES])
+def test_bad_input_exits_2_with_one_line(demo_assets, tmp_path, capsys, change, expected):
+    code, err = render_exit(capsys, tmp_path, mutate(demo_assets, tmp_path, change))
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert expected in err
+
+
+def test_width_error_names_the_key_and_the_rule(demo_assets, tmp_path, capsys):
+    _, err = render_exit(capsys, tmp_path, mutate(demo_assets, tmp_path, width_not_multiple_of_8))
+    assert "width 100 is not a multiple of 8" in err
+
+
+def test_bad_input_through_the_real_command_has_no_traceback(demo_assets, tmp_path):
+    config = write_config(tmp_path / "config.yaml", mutate(demo_assets, tmp_path, missing_video))
+    result = run_cli("render", config)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: video file not found")
+
+
+def test_missing_config_file(capsys, tmp_path):
+    assert main(["render", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_bad_input_after_a_render_keeps_what_was_computed(demo_assets, tmp_path, capsys):
+    """A wrong model path found at start-up leaves an existing run folder's manifest untouched."""
+    import sqlite3
+    config = small_config(demo_assets, tmp_path / "run")
+    config["pipeline"]["pipeline_inputs"]["num_inference_steps"] = 1
+    config["models"]["controlnet_units"] = []
+    assert main(["render", str(write_config(tmp_path / "ok.yaml", config)), "--no-progress"]) == 0
+    rows_before = sqlite3.connect(tmp_path / "run" / "manifest.sqlite").execute(
+        "SELECT COUNT(*) FROM units").fetchone()[0]
+    config["models"]["model_list"][1] = str(tmp_path / "mm_sd_v15_v2.ckpt")
+    code, err = render_exit(capsys, tmp_path, config)
+    assert code == 2 and "mm_sd_v15_v2.ckpt" in err
+    rows_after = sqlite3.connect(tmp_path / "run" / "manifest.sqlite").execute(
+        "SELECT COUNT(*) FROM units").fetchone()[0]
+    assert rows_after == rows_before > 0
+
+
+def test_set_override_and_its_errors(demo_assets, tmp_path, capsys):
+    config = write_config(tmp_path / "config.yaml", small_config(demo_assets, tmp_path / "run"))
+    assert main(["render", str(config), "--set", "pipeline.pipeline_inputs.cfg_scale=-1"]) == 2
+    assert "pipeline.pipeline_inputs.cfg_scale" in capsys.readouterr().err
+    assert main(["render", str(config), "--set", "pipeline.sead=3"]) == 2
+    assert "did you mean 'seed'" in capsys.readouterr().err
