@@ -269,8 +269,11 @@ def read_progress(run_dir):
         frame = newest_frame(run_dir, units)
         report["frame"] = str(frame) if frame else None
     if report["state"] != "running":
-        if report["pid"]:
-            report["state"] = "starting"  # launched, not holding the lock yet (loading, or a resume just begun)
+        lock_pid = _read_pid(run_dir / "lock")
+        if report["pid"] and report["pid"] != lock_pid and report["state"] != "complete":
+            # launched, not holding the lock yet (loading, or a resume just begun); a process that did hold the
+            # lock and still lives is only exiting, and the state it recorded stands
+            report["state"] = "starting"
         elif report["state"] == "new" and (run_dir / PROCESS_LOG).is_file():
             report["state"] = "failed"
         if report["state"] in ("failed", "interrupted") and not report["message"]:

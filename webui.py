@@ -1,0 +1,489 @@
+"""The DiffSynth Disk Cache web UI: `streamlit run webui.py` (or `make webui`), served on 127.0.0.1.
+
+A form generated from the render config schema, a Render button that launches the CLI's render in the background,
+live progress read from the run folder, Cancel / Resume, and the list of runs under the output root. The logic lives
+in diffsynth/webui/ (Streamlit-free, unit-tested); this file only draws it.
+"""
+
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import streamlit as st
+
+from diffsynth.errors import UserError
+from diffsynth.webui import form as F
+from diffsynth.webui import runs as R
+from diffsynth.webui.paths import confine, list_configs, list_models, list_videos, run_folder, run_name
+from diffsynth.webui.settings import load_settings
+
+STATE_ICONS = {"running": "🟢", "starting": "🟡", "complete": "✅", "interrupted": "⏸️", "failed": "❌", "new": "⚪"}
+SECTION_TITLES = {"data": "Input video and output", "models": "Models and ControlNet units",
+                  "pipeline": "Prompts and diffusion", "smoother_configs": "Smoothing (FastBlend)"}
+SECTION_ORDER = ("data", "models", "pipeline", "smoother_configs")  # schema fields not named here come after
+REFRESH_SECONDS = 1.5
+
+st.set_page_config(page_title="DiffSynth Disk Cache", page_icon="🎨", layout="wide")
+ss = st.session_state
+
+try:
+    settings = load_settings()
+except UserError as error:
+    st.error(f"Web UI settings: {error}")
+    st.stop()
+
+
+# --- shared helpers -------------------------------------------------------------------------------------------------
+
+def open_run(name):
+    st.query_params["run"] = name
+
+
+def close_run():
+    st.query_params.pop("run", None)
+
+
+def notify(kind, message):
+    ss.setdefault("notices", []).append((kind, message))
+
+
+def show_notices():
+    for kind, message in ss.pop("notices", []):
+        getattr(st, kind)(message)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def probe_video(path, mtime):
+    """(frame count, fps, width, height) of a video, or an error message."""
+    import av
+    from diffsynth.video import _probe_video
+    try:
+        source = _probe_video(Path(path))
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+        return {"frames": len(source), "fps": float(source.fps), "width": width, "height": height}
+    except UserError as error:
+        return {"error": str(error)}
+
+
+def aspect_text(width, height):
+    if not width or not height:
+        return "—"
+    ratio = Fraction(int(width), int(height))
+    return f"{ratio.numerator}:{ratio.denominator} ({width / height:.2f})"
+
+
+# --- form state ---------------------------------------------------------------------------------------------------
+
+def set_form(data):
+    """Replace the whole form with a config dict (called from callbacks, before widgets are drawn)."""
+    for key in [k for k in ss.keys() if str(k).startswith(("f:", "n:", "pick:", "range:"))]:
+        del ss[key]
+    for key, value in F.state_from_data(F.output_as_run_name(data, settings)).items():
+        ss[key] = value
+    ss["show_errors"] = False
+
+
+def ensure_form():
+    if "form_ready" not in ss:
+        set_form(F.default_data())
+        ss["f:data.output_folder"] = time.strftime("run-%Y%m%d-%H%M%S")
+        ss["form_ready"] = True
+
+
+def load_config_file():
+    choice = ss.get("config_choice")
+    if not choice:
+        return
+    try:
+        path = confine(choice, settings, "configs")
+        data, problems = F.load_config_text(path.read_text(), path.parent)
+    except (UserError, OSError) as error:
+        notify("error", f"Cannot load {choice}: {error}")
+        return
+    set_form(data)
+    notify("success", f"Loaded {path}")
+    for problem in problems:
+        notify("warning", f"The loaded config: {problem}")
+
+
+def load_uploaded_config():
+    upload = ss.get("config_upload")
+    if upload is None:
+        return
+    try:
+        data, problems = F.load_config_text(upload.getvalue().decode("utf-8", "replace"), settings.configs[0])
+    except UserError as error:
+        notify("error", f"Cannot load {upload.name}: {error}")
+        return
+    set_form(data)
+    notify("success", f"Loaded {upload.name}")
+    for problem in problems:
+        notify("warning", f"The loaded config: {problem}")
+
+
+def load_demo():
+    from diffsynth.demo import DEMO_CONFIG, ensure_demo_assets
+    ensure_demo_assets()
+    data, _ = F.load_config_text(DEMO_CONFIG.read_text(), DEMO_CONFIG.parent)
+    data["data"]["output_folder"] = time.strftime("demo-%Y%m%d-%H%M%S")
+    set_form(data)
+    notify("success", "Loaded the demo config (tiny models, a synthetic 48-frame clip)")
+
+
+def save_config_file():
+    name = (ss.get("save_name") or "").strip()
+    data = F.with_output_folder(F.data_from_state(ss), settings)
+    try:
+        if not name.endswith((".yaml", ".yml")):
+            raise UserError("the file name must end with .yaml or .yml")
+        path = confine(name, settings, "configs", base=settings.configs[0])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(F.config_yaml(data))
+    except (UserError, OSError) as error:
+        notify("error", f"Not saved: {error}")
+        return
+    notify("success", f"Saved {path}")
+
+
+def start_render():
+    """The Render button: validate (field errors shown under the fields), save the config in the run folder,
+    launch the render in the background and open its page."""
+    ss["show_errors"] = True
+    config, errors = F.validate(F.data_from_state(ss), settings)
+    if errors:
+        notify("error", "Not started: fix the fields marked below.")
+        return
+    run_dir = Path(config.data.output_folder)
+    try:
+        if R.render_pid(run_dir):
+            raise UserError(f"a render is already running in {run_dir.name}; open it from the runs list")
+        config_path = R.save_run_config(config, run_dir)
+        R.launch(run_dir, config_path)
+    except (UserError, OSError) as error:
+        notify("error", f"Not started: {error}")
+        return
+    open_run(run_name(settings, run_dir))
+
+
+def add_item(path, model):
+    F.add_list_item(ss, path, model)
+
+
+def remove_item(path, model, index):
+    F.remove_list_item(ss, path, model, index)
+
+
+def pick_into(target_key, pick_key):
+    if ss.get(pick_key):
+        ss[target_key] = ss[pick_key]
+
+
+def sync_range(prefix):
+    start, end = ss["range:" + F.dotted(prefix + ("range",))]
+    ss[F.widget_key(prefix + ("start_frame_id",))] = int(start)
+    ss[F.widget_key(prefix + ("end_frame_id",))] = int(end)
+
+
+# --- the form, drawn from the schema --------------------------------------------------------------------------------
+
+def show_errors(errors, path, leaf=True):
+    if not ss.get("show_errors"):
+        return
+    for message in F.errors_for(errors, path, leaf):
+        st.error(message, icon="⚠️")
+
+
+def draw_leaf(spec, path, errors):
+    key = F.widget_key(path)
+    label = spec.label
+    help_text = spec.description or None
+    if spec.name == "output_folder":
+        st.text_input("run name (its folder under the output root)", key=key,
+                      help=f"The run folder is created under {settings.output}. {spec.description}")
+    elif spec.name == "video_file":
+        videos = list_videos(settings)
+        pick_key = "pick:" + F.dotted(path)
+        st.selectbox("pick a video from the videos folders", [""] + videos, key=pick_key,
+                     on_change=pick_into, args=(key, pick_key),
+                     format_func=lambda v: v or "(choose…)")
+        st.text_input("video file", key=key, help=help_text)
+    elif spec.kind == "str_list" and spec.path_kind:
+        current = [v for v in ss.get(key, []) if v]
+        options = sorted(set(list_models(settings)) | set(current))
+        st.multiselect(label, options, key=key, help=help_text)
+    elif spec.name == "model_path":
+        current = ss.get(key) or ""
+        options = [""] + sorted(set(list_models(settings)) | ({current} if current else set()))
+        st.selectbox(label, options, key=key, help=help_text, format_func=lambda v: v or "(choose…)")
+    elif spec.kind == "choice":
+        st.selectbox(label, list(spec.choices), key=key, help=help_text)
+    elif spec.kind == "bool":
+        st.checkbox(label, key=key, help=help_text)
+    elif spec.kind in ("int", "float"):
+        step = 1 if spec.kind == "int" else 0.05
+        extra = {} if spec.kind == "int" else {"format": "%.2f"}
+        if ss.get(key) is not None:
+            ss[key] = int(ss[key]) if spec.kind == "int" else float(ss[key])
+        if spec.optional:
+            help_text = (help_text or "") + " (leave empty for the default)"
+        st.number_input(label, key=key, step=step, help=help_text, **extra)
+    elif spec.kind == "text":
+        st.text_area(label, key=key, help=help_text, height=80)
+    elif spec.kind == "number_list":
+        st.text_input(label + " (comma-separated)", key=key, help=help_text)
+    elif spec.kind == "dict":
+        st.text_area(label + " (YAML mapping)", key=key, help=help_text, height=80)
+    else:
+        st.text_input(label, key=key, help=help_text)
+    show_errors(errors, path, leaf=True)
+
+
+def draw_frames_extras(path):
+    """Under a FramesConfig: the video preview, the frame-range slider, the output size's aspect."""
+    video = ss.get(F.widget_key(path + ("video_file",))) or ""
+    height = ss.get(F.widget_key(path + ("height",)))
+    width = ss.get(F.widget_key(path + ("width",)))
+    info = None
+    if video.strip():
+        try:
+            video_path = confine(video, settings, "videos")
+        except UserError:
+            video_path = None  # the field error says why
+        if video_path and video_path.is_file():
+            info = probe_video(str(video_path), video_path.stat().st_mtime)
+            if "error" in info:
+                st.warning(info["error"])
+                info = None
+            else:
+                st.video(str(video_path))
+                st.caption(f"{info['frames']} frames · {info['fps']:.3g} fps · {info['width']}×{info['height']} "
+                           f"(aspect {aspect_text(info['width'], info['height'])})")
+    if info and info["frames"] > 1:
+        start_key = F.widget_key(path + ("start_frame_id",))
+        end_key = F.widget_key(path + ("end_frame_id",))
+        start = min(max(int(ss.get(start_key) or 0), 0), info["frames"] - 1)
+        end = ss.get(end_key)
+        end = info["frames"] if end is None else min(max(int(end), start + 1), info["frames"])
+        range_key = "range:" + F.dotted(path + ("range",))
+        ss[range_key] = (start, end)
+        st.slider("frame range [start, end)", 0, info["frames"], key=range_key, on_change=sync_range, args=(path,),
+                  help="sets start_frame_id and end_frame_id")
+        seconds = (end - start) / info["fps"] if info["fps"] else 0
+        st.caption(f"{end - start} frames ({seconds:.1f} s) will be rendered")
+    if width and height:
+        text = f"Output {int(width)}×{int(height)}, aspect {aspect_text(width, height)}"
+        if info:
+            text += f"; the source is {aspect_text(info['width'], info['height'])}"
+        st.caption(text)
+
+
+def draw_model(model, prefix, errors):
+    for spec in F.fields_of(model):
+        path = prefix + (spec.name,)
+        if spec.kind == "section":
+            with st.container(border=True):
+                st.markdown(f"**{spec.label}**" + (f" — {spec.description}" if spec.description else ""))
+                show_errors(errors, path, leaf=False)
+                draw_model(spec.model, path, errors)
+        elif spec.kind == "list_section":
+            draw_list(spec, path, errors)
+        else:
+            draw_leaf(spec, path, errors)
+    if model.__name__ == "FramesConfig":
+        draw_frames_extras(prefix)
+
+
+def draw_list(spec, path, errors):
+    count = int(ss.get(F.count_key(path), 0) or 0)
+    item_name = spec.label.rstrip("s") if spec.name != "controlnet_frames" else "controlnet frames"
+    st.markdown(f"**{spec.label}** ({count})" + (f" — {spec.description}" if spec.description else ""))
+    show_errors(errors, path, leaf=False)
+    for index in range(count):
+        with st.container(border=True):
+            head, button = st.columns([5, 1])
+            head.markdown(f"{item_name} {index + 1}")
+            button.button("Remove", key=f"remove:{F.dotted(path)}:{index}", on_click=remove_item,
+                          args=(path, spec.model, index))
+            show_errors(errors, path + (index,), leaf=False)
+            draw_model(spec.model, path + (index,), errors)
+    st.button(f"Add {item_name}", key=f"add:{F.dotted(path)}", on_click=add_item, args=(path, spec.model))
+
+
+def draw_form():
+    ensure_form()
+    st.title("🎨 DiffSynth Disk Cache")
+    st.caption("Toon-shade a video. Every intermediate is kept on disk, so a render survives a crash or a closed tab.")
+    show_notices()
+
+    with st.expander("Load or save a config", expanded=False):
+        cols = st.columns([3, 1, 1])
+        cols[0].selectbox("config file", [""] + list_configs(settings), key="config_choice",
+                          format_func=lambda v: v or "(choose a YAML config…)")
+        cols[1].button("Load", key="load_config", on_click=load_config_file, width="stretch")
+        cols[2].button("Load the demo", key="load_demo", on_click=load_demo, width="stretch")
+        st.file_uploader("or upload a YAML config", type=["yaml", "yml", "json"], key="config_upload",
+                         on_change=load_uploaded_config)
+        data = F.data_from_state(ss)
+        cols = st.columns([3, 1, 1])
+        cols[0].text_input("save as (under the configs folder)", key="save_name", value="my-render.yaml")
+        cols[1].button("Save", key="save_config", on_click=save_config_file, width="stretch")
+        cols[2].download_button("Download YAML", F.config_yaml(F.with_output_folder(data, settings)),
+                                file_name="render.yaml", mime="text/yaml", width="stretch")
+
+    config, errors = F.validate(F.data_from_state(ss), settings)
+    specs = {spec.name: spec for spec in F.fields_of(F.RenderConfig)}
+    order = [n for n in SECTION_ORDER if n in specs] + [n for n in specs if n not in SECTION_ORDER]
+    if ss.get("show_errors"):
+        for message in errors.get("", []):
+            st.error(message)
+    for name in order:
+        spec = specs[name]
+        with st.expander(SECTION_TITLES.get(name, spec.label), expanded=True):
+            if spec.kind == "section":
+                show_errors(errors, (name,), leaf=False)
+                draw_model(spec.model, (name,), errors)
+            elif spec.kind == "list_section":
+                draw_list(spec, (name,), errors)
+            else:
+                draw_leaf(spec, (name,), errors)
+
+    cols = st.columns([1, 1, 4])
+    cols[0].button("Render", key="render", type="primary", on_click=start_render, width="stretch")
+    cols[1].button("Check", key="check", on_click=lambda: ss.update(show_errors=True), width="stretch")
+    if ss.get("show_errors"):
+        if errors:
+            count = sum(len(v) for v in errors.values())
+            cols[2].error(f"{count} problem(s) in the form: see the marked fields.")
+        else:
+            cols[2].success("The config is valid.")
+
+
+# --- one run's page -------------------------------------------------------------------------------------------------
+
+def do_cancel(run_dir):
+    if R.cancel(run_dir):
+        notify("info", "Cancel requested: the render stops after its current unit and stays resumable.")
+    else:
+        notify("warning", "No render is running in this folder.")
+
+
+def do_resume(run_dir, open_after=True):
+    try:
+        R.resume(run_dir, settings)
+    except (UserError, OSError) as error:
+        notify("error", f"Not resumed: {error}")
+        return
+    if open_after:
+        open_run(run_name(settings, run_dir))
+
+
+def draw_progress(run_dir, first_state):
+    report = R.read_progress(run_dir)
+    state = report["state"]
+    metrics = report["metrics"]
+    st.markdown(f"### {STATE_ICONS.get(state, '')} {report['name']}: **{state}**")
+    if report["message"] and state in ("failed", "interrupted"):
+        (st.error if state == "failed" else st.warning)(report["message"])
+    total, done = report["total"], report["done"]
+    st.progress(done / total if total else 0.0, text=f"{done} / {total} units")
+    cols = st.columns(4)
+    cols[0].metric("frames/s", f"{metrics['fps']:.2f}" if metrics["fps"] else "—",
+                   help="output frames per second of work, end to end (estimated from the finished units)")
+    rate = metrics["stage_rate"]
+    cols[1].metric("current stage", metrics["current_stage"] or "—",
+                   help=f"{rate:.2f} units/s" if rate else None)
+    cols[2].metric("ETA", R.format_seconds(metrics["eta_seconds"]) if state in R.ACTIVE_STATES or
+                   state == "interrupted" else "—")
+    cols[3].metric("elapsed (work)", R.format_seconds(metrics["elapsed_seconds"]))
+
+    if state in R.ACTIVE_STATES:
+        st.button("Cancel", key="cancel", on_click=do_cancel, args=(run_dir,),
+                  help="stop after the current unit; Resume continues where it stopped")
+    elif state in ("interrupted", "failed"):
+        st.button("Resume", key="resume", type="primary", on_click=do_resume, args=(run_dir,))
+
+    left, right = st.columns([2, 1])
+    with left:
+        if report["stages"]:
+            rows = [{"stage": s["name"], "done": s["done"], "total": s["total"],
+                     "progress": s["done"] / s["total"] if s["total"] else 1.0,
+                     "MB": round(s["bytes"] / 1e6, 2), "complete": "✔" if s["complete"] else ""}
+                    for s in report["stages"]]
+            st.dataframe(rows, hide_index=True, width="stretch", column_config={
+                "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0)})
+        else:
+            st.info("Waiting for the render to plan its stages…" if state in R.ACTIVE_STATES else "No stages yet.")
+    with right:
+        if report["frame"]:
+            st.image(report["frame"], caption="newest finished frame", width="stretch")
+    if report["video"]:
+        st.subheader("Result")
+        video_path = Path(report["video"])
+        st.video(str(video_path))
+        st.download_button("Download video.mp4", video_path.read_bytes(), file_name=f"{report['name']}.mp4",
+                           mime="video/mp4", key="download_video")
+    with st.expander("log", expanded=state in ("failed",)):
+        st.code(report["log"] or "(no render.log yet)", language=None)
+        if report["process_log"]:
+            st.caption("process output")
+            st.code(report["process_log"], language=None)
+    if first_state in R.ACTIVE_STATES and state not in R.ACTIVE_STATES:
+        st.rerun()  # finished or stopped: redraw the whole page (no more refreshing)
+
+
+def draw_run(name):
+    try:
+        run_dir = run_folder(settings, name)
+    except UserError as error:
+        st.error(f"Run {name!r}: {error}")
+        st.button("← New render", key="close_run", on_click=close_run)
+        return
+    st.button("← New render", key="close_run", on_click=close_run)
+    show_notices()
+    if not run_dir.is_dir():
+        st.error(f"There is no run folder {name!r} under {settings.output}.")
+        return
+    first_state = R.read_progress(run_dir)["state"]
+    refresh = REFRESH_SECONDS if first_state in R.ACTIVE_STATES else None
+
+    @st.fragment(run_every=refresh)
+    def live():
+        draw_progress(run_dir, first_state)
+
+    live()
+
+
+# --- the runs list ----------------------------------------------------------------------------------------------------
+
+def draw_runs_list(current):
+    st.sidebar.header("Runs")
+    st.sidebar.caption(f"under {settings.output}")
+    runs = R.list_runs(settings)
+    if not runs:
+        st.sidebar.caption("No runs yet.")
+    for report in runs:
+        name = report["name"]
+        box = st.sidebar.container(border=True)
+        marker = " (open)" if name == current else ""
+        progress = f" · {report['done']}/{report['total']}" if report.get("total") else ""
+        box.markdown(f"{STATE_ICONS.get(report['state'], '')} **{name}**{marker}  \n{report['state']}{progress}")
+        cols = box.columns(2)
+        cols[0].button("Open", key=f"open:{name}", on_click=open_run, args=(name,), width="stretch")
+        if report["state"] in ("interrupted", "failed"):
+            cols[1].button("Resume", key=f"resume:{name}", on_click=do_resume,
+                           args=(settings.output / name,), width="stretch")
+    with st.sidebar.expander("Folders"):
+        st.caption("models: " + ", ".join(str(p) for p in settings.models))
+        st.caption("videos: " + ", ".join(str(p) for p in settings.videos))
+        st.caption("configs: " + ", ".join(str(p) for p in settings.configs))
+        st.caption(f"output: {settings.output}")
+
+
+current_run = st.query_params.get("run")
+draw_runs_list(current_run)
+if current_run:
+    draw_run(current_run)
+else:
+    draw_form()
