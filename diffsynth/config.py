@@ -33,6 +33,13 @@ class ModelsConfig(Schema):
     device: str = Field("auto", description='"auto" (cuda when available), "cpu", "cuda", "cuda:1", …')
     torch_dtype: Literal["auto", "float16", "float32", "bfloat16"] = Field(
         "auto", description="weights' dtype; auto = float16 on GPU, float32 on CPU (the VAE is always float32)")
+    vram_limit_level: int = Field(
+        0, ge=0, le=2, description="0: all models on the GPU; 1: only the running stage's models (idle ones wait on "
+                                   "the CPU); 2: only the running model")
+    annotators_folder: str | None = Field(
+        None, description="folder of annotator weights (sk_model.pth, ControlNetHED.pth, …; lllyasviel/Annotators)")
+    tokenizer_folder: str | None = Field(
+        None, description="CLIP tokenizer folder for a single-file base model (default: SD1.5's, shipped)")
 
 
 class FramesConfig(Schema):
@@ -206,6 +213,8 @@ def resolve_paths(config, base_folder):
     data = config.model_dump()
     data["models"]["model_list"] = [absolute(p) for p in data["models"]["model_list"]]
     data["models"]["textual_inversion_folder"] = absolute(data["models"]["textual_inversion_folder"])
+    data["models"]["annotators_folder"] = absolute(data["models"]["annotators_folder"])
+    data["models"]["tokenizer_folder"] = absolute(data["models"]["tokenizer_folder"])
     for unit in data["models"]["controlnet_units"]:
         unit["model_path"] = absolute(unit["model_path"])
     frame_specs = [data["data"]["input_frames"]] + (data["data"]["controlnet_frames"] or [])

@@ -1,7 +1,9 @@
 """Find and load the model files a config names, lazily and one component at a time.
 
 `models.model_list` may name its files in any order: what each one is (a Stable Diffusion base, an AnimateDiff
-motion module, a ControlNet) is detected from its contents, never from its name. Here: diffusers folders.
+motion module, a ControlNet, a LoRA, a textual inversion, a VAE) is detected from its contents — tensor names and
+shapes — never from its name. Single files are converted by diffsynth.models.convert; diffusers folders are read
+with from_pretrained(local_files_only=True). Nothing is ever downloaded.
 """
 
 import hashlib
@@ -14,20 +16,59 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .checkpoint import is_weight_file, read_shapes, read_state_dict
 
 BASE, MOTION, CONTROLNET = "stable diffusion base model", "AnimateDiff motion module", "ControlNet"
+TEXTUAL_INVERSION, LORA, VAE = "textual inversion", "LoRA", "VAE"
 WHERE_TO_FIND = {
-    BASE: "a Stable Diffusion 1.5 diffusers folder (with model_index.json)",
-    MOTION: "an AnimateDiff motion-adapter folder (config.json with _class_name MotionAdapter)",
-    CONTROLNET: "a ControlNet folder (config.json with _class_name ControlNetModel)",
+    BASE: "an SD1.5 checkpoint (.safetensors/.ckpt in the original layout, e.g. aingdiffusion_v12.safetensors from "
+          "a model site such as Civitai) or a diffusers folder (with model_index.json)",
+    MOTION: "an AnimateDiff motion module (mm_sd_v15_v2.ckpt / v3_sd15_mm.ckpt from guoyww/animatediff) or a "
+            "MotionAdapter folder",
+    CONTROLNET: "a ControlNet v1.1 file (control_v11p_sd15_lineart.pth, control_v11f1e_sd15_tile.pth from "
+                "lllyasviel/ControlNet-v1-1) or a ControlNetModel folder",
+    TEXTUAL_INVERSION: "a textual-inversion embedding (.pt/.bin/.safetensors) in models.textual_inversion_folder",
+    LORA: "a LoRA in the kohya/A1111 layout (.safetensors with lora_unet_*/lora_te_* keys)",
+    VAE: "a standalone SD1.5 VAE (e.g. vae-ft-mse-840000-ema-pruned.safetensors)",
 }
 
 
+def kind_from_keys(path, shapes):
+    """What a single weight file is, from its tensor names and shapes (never from its file name)."""
+    keys = list(shapes)
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        if any(k.startswith("conditioner.embedders.1.") for k in keys):
+            raise UserError(f"{path} is an SDXL checkpoint; this renderer needs {WHERE_TO_FIND[BASE]}")
+        if any(k.startswith("cond_stage_model.model.") for k in keys):
+            raise UserError(f"{path} is an SD 2.x checkpoint; this renderer needs {WHERE_TO_FIND[BASE]}")
+        return BASE
+    if (any(k.startswith("control_model.") for k in keys) or "input_hint_block.0.weight" in shapes
+            or "controlnet_cond_embedding.conv_in.weight" in shapes):
+        return CONTROLNET
+    if any(".motion_modules." in k for k in keys):
+        return MOTION
+    if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
+        return LORA
+    tensors = [shape for shape in shapes.values() if shape is not None]
+    if "string_to_param" in shapes or "emb_params" in shapes or (len(shapes) == 1 and len(tensors) == 1
+                                                                  and len(tensors[0]) in (1, 2)):
+        return TEXTUAL_INVERSION
+    if any(k.startswith("encoder.down.") for k in keys) and any(k.startswith("decoder.up.") for k in keys):
+        return VAE
+    if any(k.startswith("down_blocks.") for k in keys):
+        raise UserError(f"{path} looks like one diffusers component file on its own; give its whole diffusers "
+                        "folder instead")
+    return None
+
+
 def detect_kind(path):
-    """What a model path holds: BASE, MOTION or CONTROLNET; UserError when it is none of them."""
+    """What a model path holds: BASE, MOTION, CONTROLNET, TEXTUAL_INVERSION, LORA or VAE; UserError (one line
+    naming the file, what was expected and where such files come from) when it is none of them."""
     path = Path(path)
+    expected = "; ".join(WHERE_TO_FIND[k] for k in (BASE, MOTION, CONTROLNET))
     if not path.exists():
-        raise UserError(f"model file not found: {path} (check models.model_list / controlnet_units paths)")
+        raise UserError(f"model file not found: {path} (expected {expected}; check models.model_list / "
+                        "controlnet_units paths)")
     if path.is_dir():
         if (path / "model_index.json").is_file():
             return BASE
@@ -38,8 +79,11 @@ def detect_kind(path):
                 return MOTION
             if class_name == "ControlNetModel":
                 return CONTROLNET
-    raise UserError(f"cannot tell what model {path} is: expected {WHERE_TO_FIND[BASE]}, "
-                    f"{WHERE_TO_FIND[MOTION]} or {WHERE_TO_FIND[CONTROLNET]}")
+    elif is_weight_file(path):
+        kind = kind_from_keys(path, read_shapes(path))
+        if kind is not None:
+            return kind
+    raise UserError(f"cannot tell what model {path} is: expected {expected}")
 
 
 def file_identity(path):
@@ -59,26 +103,47 @@ class ModelFiles:
     base: Path
     motion: Path | None = None
     controlnets: list = field(default_factory=list)
+    loras: list = field(default_factory=list)  # [(path, alpha)]
+    vae: Path | None = None
+    textual_inversions: dict = field(default_factory=dict)  # {keyword: path}
 
 
-def classify_model_list(model_list, controlnet_paths):
+def classify_model_list(model_list, controlnet_paths, lora_alphas=(), textual_inversion_folder=None):
     files = ModelFiles(base=None)
+    loras = []
     for path in model_list:
         kind = detect_kind(path)
+        path = Path(path)
         if kind == BASE:
             if files.base is not None:
                 raise UserError(f"models.model_list names two base models: {files.base} and {path}; keep one")
-            files.base = Path(path)
+            files.base = path
         elif kind == MOTION:
-            files.motion = Path(path)
+            if files.motion is not None:
+                raise UserError(f"models.model_list names two motion modules: {files.motion} and {path}; keep one")
+            files.motion = path
+        elif kind == LORA:
+            loras.append(path)
+        elif kind == VAE:
+            files.vae = path
+        elif kind == TEXTUAL_INVERSION:
+            files.textual_inversions[path.stem] = path
         else:
             raise UserError(f"{path} is a ControlNet; list it under models.controlnet_units, not models.model_list")
     if files.base is None:
         raise UserError(f"models.model_list has no {BASE}: add {WHERE_TO_FIND[BASE]}")
+    if len(lora_alphas) != len(loras):
+        raise UserError(f"models.lora_alphas has {len(lora_alphas)} value(s) for {len(loras)} LoRA file(s) in "
+                        "models.model_list; give one alpha per LoRA, in order")
+    files.loras = list(zip(loras, lora_alphas))
+    from .extras import textual_inversion_files
+    for keyword, path in textual_inversion_files(textual_inversion_folder).items():
+        files.textual_inversions.setdefault(keyword, path)
     for path in controlnet_paths:
         kind = detect_kind(path)
         if kind != CONTROLNET:
-            raise UserError(f"controlnet unit model {path} is a {kind}, not a ControlNet")
+            raise UserError(f"controlnet unit model {path} is a {kind}, not a ControlNet: expected "
+                            f"{WHERE_TO_FIND[CONTROLNET]}")
         files.controlnets.append(Path(path))
     return files
 
@@ -95,25 +160,94 @@ def resolve_dtype(dtype, device):
     return {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
+class Offloader:
+    """vram_limit_level: 0 keeps every model on the device; 1 keeps only the running group (text encoder / UNet with
+    its ControlNets / VAE) there; 2 only the running model. Idle models wait on the CPU; a forward pre-hook moves a
+    model onto the device just before it runs and sends the others back."""
+
+    GROUPS = {"text_encoder": "text", "unet": "denoise", "vae": "vae"}
+
+    def __init__(self, device, level=0):
+        self.device, self.level = device, level
+        self.models = {}  # name → (group, model)
+        self.resident = set()
+
+    def register(self, name, model, hook_modules=None):
+        group = self.GROUPS.get(name, "denoise")
+        self.models[name] = (group, model)
+        if self.level == 0:
+            self.resident.add(name)
+            return model.to(self.device)
+        model.to("cpu")
+        for module in hook_modules or [model]:
+            module.register_forward_pre_hook(lambda _module, args, kwargs: self._before(name, args, kwargs),
+                                             with_kwargs=True)
+        return model
+
+    def _before(self, name, args, kwargs):
+        """Activate the model and bring its tensor inputs along (a stage may have built them on the CPU)."""
+        self.activate(name)
+
+        def move(value):
+            if isinstance(value, torch.Tensor):
+                return value.to(self.device)
+            if isinstance(value, (list, tuple)):
+                return type(value)(move(v) for v in value)
+            return value
+        return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+    def activate(self, name):
+        group, model = self.models[name]
+        for other, (other_group, other_model) in self.models.items():
+            keep = other == name or (self.level == 1 and other_group == group)
+            if other in self.resident and not keep:
+                other_model.to("cpu")
+                self.resident.discard(other)
+        if name not in self.resident:
+            model.to(self.device)
+            self.resident.add(name)
+        if self.device.startswith("cuda") and self.level:
+            torch.cuda.empty_cache()
+
+
 class ModelStore:
-    """Loads each component on first use, so a resumed run whose diffusion is done never reads the UNet."""
+    """Loads each component on first use, so a resumed run whose diffusion is done never reads the UNet.
+
+    Base models come as SD1.5 single files (original layout) or diffusers folders; motion modules and ControlNets as
+    single files or folders; LoRAs are merged into the UNet and text encoder; textual inversions extend the
+    tokenizer and the text encoder's embedding table."""
 
     def __init__(self, models_config):
+        quiet_libraries()
+        self.config = models_config
         self.files = classify_model_list(models_config.model_list,
-                                         [unit.model_path for unit in models_config.controlnet_units])
+                                         [unit.model_path for unit in models_config.controlnet_units],
+                                         models_config.lora_alphas, models_config.textual_inversion_folder)
         self.device = resolve_device(models_config.device)
         self.dtype = resolve_dtype(models_config.torch_dtype, self.device)
-        quiet_libraries()
+        self.offloader = Offloader(self.device, getattr(models_config, "vram_limit_level", 0))
 
     def identity(self, *components):
         """Fingerprint parts for the named components ("text", "unet", "vae", "controlnet")."""
         parts = {}
         if "text" in components or "unet" in components or "vae" in components:
             parts["base"] = file_identity(self.files.base)
+        if "text" in components or "unet" in components:
+            parts["loras"] = [[file_identity(path), alpha] for path, alpha in self.files.loras]
+        if "text" in components:
+            parts["textual_inversions"] = {k: file_identity(p) for k, p in sorted(self.files.textual_inversions.items())}
+            if self.tokenizer_folder is not None:
+                parts["tokenizer"] = file_identity(self.tokenizer_folder)
         if "unet" in components:
             parts["motion"] = file_identity(self.files.motion) if self.files.motion else None
             parts["controlnets"] = [file_identity(path) for path in self.files.controlnets]
+        if "vae" in components and self.files.vae is not None:
+            parts["vae"] = file_identity(self.files.vae)
         return parts
+
+    @property
+    def base_is_file(self):
+        return self.files.base.is_file()
 
     @property
     def has_motion_module(self):
@@ -122,40 +256,154 @@ class ModelStore:
     @cached_property
     def motion_max_frames(self):
         """The motion module's positional-embedding length: the longest window it can take (32 for mm_sd_v15_v2)."""
-        config = json.loads((self.files.motion / "config.json").read_text())
+        if self.files.motion.is_file():
+            from .convert import motion_config_from_keys, sidecar
+            config = motion_config_from_keys(read_shapes(self.files.motion))
+            config.update(sidecar(self.files.motion).get("motion_adapter", {}))
+        else:
+            config = json.loads((self.files.motion / "config.json").read_text())
         return config.get("motion_max_seq_length", 32)
+
+    def _base_component(self, parts_function, prefixes):
+        from .convert import build
+        checkpoint = read_state_dict(self.files.base, prefixes)
+        factory, converted, what = parts_function(self.files.base, checkpoint)
+        return build(factory, converted, self.files.base, what)
+
+    @cached_property
+    def tokenizer_folder(self):
+        """models.tokenizer_folder, else a sidecar's, else None (the CLIP tokenizer shipped in the package)."""
+        if not self.base_is_file:
+            return self.files.base / "tokenizer"
+        folder = getattr(self.config, "tokenizer_folder", None)
+        if folder is None:
+            from .convert import sidecar
+            folder = sidecar(self.files.base).get("tokenizer_folder")
+            if folder is not None:
+                folder = self.files.base.parent / folder
+        if folder is not None and not Path(folder).is_dir():
+            raise UserError(f"tokenizer folder {folder} not found (models.tokenizer_folder: a folder with the CLIP "
+                            "tokenizer's vocab.json and merges.txt, or leave it unset for SD1.5's own)")
+        return None if folder is None else Path(folder)
+
+    @cached_property
+    def _embeddings(self):
+        from .extras import read_embedding
+        return {keyword: read_embedding(path) for keyword, path in self.files.textual_inversions.items()}
 
     @cached_property
     def tokenizer(self):
         from transformers import CLIPTokenizer
-        return CLIPTokenizer.from_pretrained(self.files.base / "tokenizer", local_files_only=True)
+
+        from .convert import clip_tokenizer
+        from .extras import add_textual_inversions
+        if self.tokenizer_folder is not None:
+            tokenizer = CLIPTokenizer.from_pretrained(self.tokenizer_folder, local_files_only=True)
+        else:
+            tokenizer = clip_tokenizer()
+        self.textual_inversion_ids = add_textual_inversions(tokenizer, self._embeddings)
+        return tokenizer
+
+    def expand_prompt(self, text):
+        """[str | [token ids]] pieces: textual-inversion keywords replaced by their tokens' ids."""
+        from .extras import split_keywords
+        self.tokenizer  # noqa: B018 - assigns textual_inversion_ids
+        return [self.textual_inversion_ids[value] if kind == "keyword" else value
+                for kind, value in split_keywords(text, self.textual_inversion_ids)]
+
+    def _load_text_encoder(self):
+        if self.base_is_file:
+            from .convert import text_encoder_parts
+            return self._base_component(text_encoder_parts, ["cond_stage_model.", "conditioner."])
+        from transformers import CLIPTextModel
+        return CLIPTextModel.from_pretrained(self.files.base / "text_encoder", local_files_only=True)
 
     @cached_property
     def text_encoder(self):
-        from transformers import CLIPTextModel
-        model = CLIPTextModel.from_pretrained(self.files.base / "text_encoder", local_files_only=True)
-        return model.to(self.device, self.dtype).eval()
+        from .extras import extend_text_encoder, merge_lora, read_lora
+        model = self._load_text_encoder()
+        tokenizer = self.tokenizer
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0] and not self._embeddings:
+            raise UserError(f"the tokenizer ({len(tokenizer)} tokens) does not fit the text encoder of "
+                            f"{self.files.base}; check models.tokenizer_folder")
+        extend_text_encoder(model, self._embeddings, self.textual_inversion_ids, self.files.textual_inversions)
+        for path, alpha in self.files.loras:
+            merge_lora(model, read_lora(path), "te", alpha, path)
+        model = model.to(dtype=self.dtype).eval()
+        return self.offloader.register("text_encoder", model)
+
+    def _load_unet2d(self):
+        if self.base_is_file:
+            from .convert import unet_parts
+            return self._base_component(unet_parts, ["model.diffusion_model."])
+        from diffusers import UNet2DConditionModel
+        return UNet2DConditionModel.from_pretrained(self.files.base / "unet", local_files_only=True)
+
+    def _load_motion_adapter(self):
+        from diffusers import MotionAdapter
+        if self.files.motion.is_dir():
+            return MotionAdapter.from_pretrained(self.files.motion, local_files_only=True)
+        from .convert import build, motion_parts
+        factory, converted, what = motion_parts(self.files.motion, read_state_dict(self.files.motion))
+        return build(factory, converted, self.files.motion, what)
 
     @cached_property
     def unet(self):
-        from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
-        unet = UNet2DConditionModel.from_pretrained(self.files.base / "unet", local_files_only=True)
+        from diffusers import UNetMotionModel
+
+        from .extras import merge_lora, read_lora, unet_ldm_module_names
+        unet = self._load_unet2d()
+        ldm_names = unet_ldm_module_names(unet) if self.files.loras else None
+        for path, alpha in self.files.loras:
+            merge_lora(unet, read_lora(path), "unet", alpha, path, ldm_names)
         if self.files.motion is not None:
-            adapter = MotionAdapter.from_pretrained(self.files.motion, local_files_only=True)
-            unet = UNetMotionModel.from_unet2d(unet, adapter)
-        return unet.to(self.device, self.dtype).eval()
+            unet = UNetMotionModel.from_unet2d(unet, self._load_motion_adapter())
+        use_sdpa(unet)
+        return self.offloader.register("unet", unet.to(dtype=self.dtype).eval())
+
+    def _load_controlnet(self, path):
+        if path.is_dir():
+            from diffusers import ControlNetModel
+            return ControlNetModel.from_pretrained(path, local_files_only=True)
+        from .convert import build, controlnet_parts
+        factory, converted, what = controlnet_parts(path, read_state_dict(path))
+        return build(factory, converted, path, what)
 
     @cached_property
     def controlnets(self):
-        from diffusers import ControlNetModel
-        return [ControlNetModel.from_pretrained(path, local_files_only=True).to(self.device, self.dtype).eval()
-                for path in self.files.controlnets]
+        models = []
+        for index, path in enumerate(self.files.controlnets):
+            model = self._load_controlnet(path)
+            use_sdpa(model)
+            models.append(self.offloader.register(f"controlnet{index}", model.to(dtype=self.dtype).eval()))
+        return models
 
     @cached_property
     def vae(self):
         """Always float32: float16 VAE decoders give black frames."""
-        from diffusers import AutoencoderKL
-        return AutoencoderKL.from_pretrained(self.files.base / "vae", local_files_only=True).to(self.device).eval()
+        from .convert import build, has_vae, vae_parts
+        if self.files.vae is not None:
+            factory, converted, what = vae_parts(self.files.vae, read_state_dict(self.files.vae))
+            vae = build(factory, converted, self.files.vae, what)
+        elif self.base_is_file:
+            if not has_vae(read_shapes(self.files.base)):
+                raise UserError(f"{self.files.base} has no VAE baked in: add {WHERE_TO_FIND[VAE]} to "
+                                "models.model_list")
+            vae = self._base_component(vae_parts, ["first_stage_model.", "vae."])
+        else:
+            from diffusers import AutoencoderKL
+            vae = AutoencoderKL.from_pretrained(self.files.base / "vae", local_files_only=True)
+        vae = vae.float().eval()
+        return self.offloader.register("vae", vae, hook_modules=[vae.encoder, vae.decoder])
+
+
+def use_sdpa(model):
+    """PyTorch's scaled-dot-product attention (flash / memory-efficient kernels on a GPU)."""
+    try:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+        model.set_attn_processor(AttnProcessor2_0())
+    except (ImportError, ValueError, AttributeError):
+        pass
 
 
 def quiet_libraries():

@@ -166,3 +166,61 @@ def write_tiny_models(folder):
         "controlnet_tile": folder / "controlnet_tile",
         "controlnet_canny": folder / "controlnet_canny",
     }
+
+
+def _public(config):
+    return {key: value for key, value in dict(config).items() if not key.startswith("_")}
+
+
+def _tiny_sidecar(path, sidecar):
+    Path(str(path) + ".config.json").write_text(json.dumps(sidecar, indent=2, default=list))
+
+
+def write_tiny_single_files(folder, models):
+    """The tiny set (from write_tiny_models' folders) again, in the layouts users' files have: an A1111/LDM
+    single-file SD1.5 checkpoint (.safetensors, and a .ckpt with EMA keys), an AnimateDiff mm_*.ckpt and ControlNet
+    v1.1 .pth files. Each gets a `<file>.config.json` sidecar with the tiny architecture (real SD1.5 files need
+    none: the shipped configs describe them). Returns {name: path}."""
+    from safetensors.torch import save_file
+
+    from . import ldm_layout
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = Path(models["stable_diffusion"])
+    unet = UNet2DConditionModel.from_pretrained(sd / "unet")
+    vae = AutoencoderKL.from_pretrained(sd / "vae")
+    text = CLIPTextModel.from_pretrained(sd / "text_encoder")
+    checkpoint = {}
+    checkpoint.update(ldm_layout.unet_to_ldm(unet.state_dict(), unet.config))
+    checkpoint.update(ldm_layout.vae_to_ldm(vae.state_dict(), vae.config))
+    checkpoint.update(ldm_layout.clip_to_ldm(text.state_dict()))
+    checkpoint = {key: value.contiguous() for key, value in checkpoint.items()}
+    text_config = {key: value for key, value in text.config.to_dict().items()
+                   if key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                              "num_attention_heads", "max_position_embeddings", "projection_dim", "bos_token_id",
+                              "eos_token_id", "pad_token_id", "hidden_act")}
+    base_sidecar = {"unet": _public(unet.config), "vae": _public(vae.config), "text_encoder": text_config,
+                    "tokenizer_folder": str((sd / "tokenizer").resolve())}
+    out = {"sd_safetensors": folder / "tiny_sd15.safetensors", "sd_ckpt": folder / "tiny_sd15_ema.ckpt"}
+    save_file(checkpoint, out["sd_safetensors"])
+    # The .ckpt form: Lightning-style {"state_dict": ...} with EMA copies (flattened names, as in real files).
+    ema = {"model_ema." + key.removeprefix("model.").replace(".", ""): value + 1.0
+           for key, value in checkpoint.items() if key.startswith("model.diffusion_model.")}
+    ema["model_ema.decay"] = torch.tensor(0.9999)
+    torch.save({"state_dict": {**checkpoint, **ema}, "global_step": 1}, out["sd_ckpt"])
+    for name in ("sd_safetensors", "sd_ckpt"):
+        _tiny_sidecar(out[name], base_sidecar)
+
+    adapter = MotionAdapter.from_pretrained(models["motion_adapter"])
+    out["motion"] = folder / "mm_tiny_v2.ckpt"
+    torch.save({key: value.contiguous() for key, value in ldm_layout.motion_to_original(adapter.state_dict()).items()},
+               out["motion"])
+    _tiny_sidecar(out["motion"], {"motion_adapter": {"motion_norm_num_groups": 8, "motion_num_attention_heads": 2}})
+
+    for name in ("controlnet_tile", "controlnet_canny"):
+        controlnet = ControlNetModel.from_pretrained(models[name])
+        out[name] = folder / f"{name}.pth"
+        torch.save({k: v.contiguous() for k, v in
+                    ldm_layout.controlnet_to_ldm(controlnet.state_dict(), controlnet.config).items()}, out[name])
+        _tiny_sidecar(out[name], {"controlnet": _public(controlnet.config)})
+    return out

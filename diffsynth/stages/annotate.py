@@ -1,26 +1,18 @@
 """Stage 3, annotate: per ControlNet unit and frame, the unit's conditioning image.
 
 `tile` has no annotator: its conditioning is the cropped frame itself, read straight from the crop stage (no copy).
-Annotators run at detect resolution min(W, H) and their output is resized back to (W, H).
+Annotators run at detect resolution min(W, H) and their output is resized back to (W, H). Learned annotators
+(lineart, lineart_coarse, lineart_anime, softedge, depth) read their weights from `models.annotators_folder`
+(see diffsynth.models.annotators); nothing is downloaded.
 """
 
 import numpy as np
 from PIL import Image
 
 from ..cache import image_to_bytes
-from ..errors import UserError
+from ..models.annotators import ANNOTATOR_FILES, annotator_file, make_annotator  # noqa: F401 (re-exported)
+from ..models.loader import file_identity
 from .base import Stage
-
-
-def make_annotator(processor_id):
-    if processor_id == "canny":
-        from controlnet_aux.canny import CannyDetector
-        detector = CannyDetector()
-        return lambda image, resolution: detector(image, low_threshold=100, high_threshold=200,
-                                                  detect_resolution=resolution, image_resolution=resolution,
-                                                  output_type="np")
-    raise UserError(f"annotator '{processor_id}' needs annotator model files, which this version cannot load yet; "
-                    "use processor_id tile or canny")
 
 
 class AnnotateStage(Stage):
@@ -33,15 +25,23 @@ class AnnotateStage(Stage):
         self.processor_id = processor_id
         self._annotator = None
 
+    @property
+    def _folder(self):
+        return getattr(self.ctx.config.models, "annotators_folder", None)
+
     def params(self):
-        return {"processor_id": self.processor_id}
+        params = {"processor_id": self.processor_id}
+        if self.processor_id in ANNOTATOR_FILES:
+            params["weights"] = file_identity(annotator_file(self.processor_id, self._folder))
+        return params
 
     def unit_keys(self):
         return self.cropped.unit_keys()
 
     def compute(self, key):
         if self._annotator is None:
-            self._annotator = make_annotator(self.processor_id)
+            device = getattr(self.ctx.models, "device", "cpu")
+            self._annotator = make_annotator(self.processor_id, self._folder, device)
         image = self.read_image(self.cropped, key)
         height, width = image.shape[:2]
         annotated = np.asarray(self._annotator(image, min(width, height)))

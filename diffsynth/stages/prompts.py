@@ -2,7 +2,8 @@
 
 clip_skip k takes the output of the k-th text-encoder layer from the end, then the final layer norm. Prompts longer
 than 77 tokens are encoded in 77-token chunks, concatenated along the sequence; the shorter prompt is padded with
-chunks of the empty prompt so both halves of classifier-free guidance have the same length.
+chunks of the empty prompt so both halves of classifier-free guidance have the same length. Textual-inversion
+keywords (in either prompt) expand to their n tokens `kw_0 … kw_{n-1}`, inserted as token ids.
 """
 
 import torch
@@ -13,8 +14,21 @@ from .base import Stage
 CHUNK = 75  # tokens per chunk between the start and end tokens
 
 
-def token_chunks(tokenizer, text):
-    ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
+def prompt_ids(tokenizer, text, expand=None):
+    """Token ids of a prompt (no start/end tokens); `expand(text)` gives [str | [ids]] pieces (textual inversion)."""
+    pieces = expand(text) if expand is not None else [text]
+    ids = []
+    for piece in pieces:
+        if isinstance(piece, str):
+            if piece.strip():
+                ids += tokenizer(piece, add_special_tokens=False, truncation=False).input_ids
+        else:
+            ids += list(piece)
+    return ids
+
+
+def token_chunks(tokenizer, text, expand=None):
+    ids = prompt_ids(tokenizer, text, expand)
     chunks = [ids[i:i + CHUNK] for i in range(0, len(ids), CHUNK)] or [[]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return [[tokenizer.bos_token_id] + chunk + [tokenizer.eos_token_id] + [pad] * (CHUNK - len(chunk))
@@ -23,7 +37,7 @@ def token_chunks(tokenizer, text):
 
 @torch.no_grad()
 def encode_chunks(text_encoder, chunks, clip_skip):
-    ids = torch.tensor(chunks, device=text_encoder.device)
+    ids = torch.tensor(chunks, device=getattr(text_encoder, "device", None))
     hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
     final_layer_norm = getattr(text_encoder, "final_layer_norm", None) or text_encoder.text_model.final_layer_norm
     return final_layer_norm(hidden).float().reshape(1, -1, hidden.shape[-1]).cpu()
@@ -44,7 +58,9 @@ class PromptStage(Stage):
     def compute(self, key):
         inputs = self.ctx.config.pipeline.pipeline_inputs
         tokenizer, encoder = self.ctx.models.tokenizer, self.ctx.models.text_encoder
-        positive, negative = token_chunks(tokenizer, inputs.prompt), token_chunks(tokenizer, inputs.negative_prompt)
+        expand = getattr(self.ctx.models, "expand_prompt", None)
+        positive = token_chunks(tokenizer, inputs.prompt, expand)
+        negative = token_chunks(tokenizer, inputs.negative_prompt, expand)
         empty = token_chunks(tokenizer, "")
         length = max(len(positive), len(negative))
         positive += empty * (length - len(positive))

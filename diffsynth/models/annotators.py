@@ -1,0 +1,117 @@
+"""ControlNet annotators from a local folder, through controlnet-aux's own model classes.
+
+The networks are constructed directly and their weights read from the local files with `weights_only=True` —
+never `from_pretrained`, which would fetch from a hub (and unpickle without restriction). Files are the ones of the
+lllyasviel/Annotators collection, under their usual names, in `models.annotators_folder`.
+"""
+
+import functools
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .checkpoint import read_state_dict
+
+ANNOTATOR_FILES = {
+    "lineart": "sk_model.pth",
+    "lineart_coarse": "sk_model2.pth",
+    "lineart_anime": "netG.pth",
+    "softedge": "ControlNetHED.pth",
+    "depth": "dpt_hybrid-midas-501f0c75.pt",
+}
+NO_MODEL = ("tile", "canny")
+WHERE = "the lllyasviel/Annotators collection on Hugging Face (download by hand; nothing is fetched at run time)"
+
+
+def annotator_file(processor_id, folder):
+    """The weight file a processor needs; UserError naming it when the folder or file is missing."""
+    name = ANNOTATOR_FILES[processor_id]
+    if folder is None:
+        raise UserError(f"annotator '{processor_id}' needs {name}: set models.annotators_folder to a folder holding "
+                        f"it (it comes from {WHERE})")
+    path = Path(folder) / name
+    if not path.is_file():
+        raise UserError(f"annotator '{processor_id}' needs {path}, which is missing: put {name} from {WHERE} in "
+                        "models.annotators_folder")
+    return path
+
+
+def _load(factory, path, strip=()):
+    """Build on the meta device (no random init), check every tensor, then assign the file's tensors."""
+    with torch.device("meta"):
+        model = factory()
+    state = read_state_dict(path)
+    if "model" in state and "optimizer" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    for prefix in strip:
+        state = {key.removeprefix(prefix): value for key, value in state.items()}
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    wrong = [key for key in expected if key in state and tuple(state[key].shape) != tuple(expected[key].shape)]
+    if missing or wrong:
+        detail = f"no tensor '{missing[0]}'" if missing else f"'{wrong[0]}' has the wrong shape"
+        raise UserError(f"{path} is not the expected annotator file ({detail}); get {path.name} from {WHERE}")
+    state = {key: state[key] for key in expected}
+    model.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        model = factory()  # a non-persistent buffer needs the real constructor
+        model.load_state_dict(state, strict=True)
+    return model.float().eval()
+
+
+def _lineart(path):
+    from controlnet_aux.lineart import Generator
+    return _load(lambda: Generator(3, 1, 3), path)
+
+
+def _lineart_anime(path):
+    from controlnet_aux.lineart_anime import UnetGenerator
+    norm = functools.partial(torch.nn.InstanceNorm2d, affine=False, track_running_stats=False)
+    return _load(lambda: UnetGenerator(3, 1, 8, 64, norm_layer=norm, use_dropout=False), path, strip=("module.",))
+
+
+def _hed(path):
+    from controlnet_aux.hed import ControlNetHED_Apache2
+    return _load(ControlNetHED_Apache2, path)
+
+
+def _midas(path):
+    from controlnet_aux.midas.midas.dpt_depth import DPTDepthModel
+    return _load(lambda: DPTDepthModel(path=None, backbone="vitb_rn50_384", non_negative=True), path)
+
+
+def make_annotator(processor_id, folder=None, device="cpu"):
+    """A function (image HWC uint8, resolution) → annotated HWC/HW uint8 at that detect resolution."""
+    if processor_id == "canny":
+        from controlnet_aux.canny import CannyDetector
+        detector = CannyDetector()
+        return lambda image, resolution: detector(image, low_threshold=100, high_threshold=200,
+                                                  detect_resolution=resolution, image_resolution=resolution,
+                                                  output_type="np")
+    if processor_id == "tile":
+        return lambda image, resolution: image
+    if processor_id not in ANNOTATOR_FILES:
+        raise UserError(f"unknown annotator '{processor_id}' (known: tile, canny, {', '.join(ANNOTATOR_FILES)})")
+    path = annotator_file(processor_id, folder)
+    if processor_id in ("lineart", "lineart_coarse"):
+        from controlnet_aux.lineart import LineartDetector
+        model = _lineart(path).to(device)
+        detector = LineartDetector(model, model)
+        coarse = processor_id == "lineart_coarse"
+        return lambda image, resolution: detector(image, coarse=coarse, detect_resolution=resolution,
+                                                  image_resolution=resolution, output_type="np")
+    if processor_id == "lineart_anime":
+        from controlnet_aux.lineart_anime import LineartAnimeDetector
+        detector = LineartAnimeDetector(_lineart_anime(path).to(device))
+        return lambda image, resolution: detector(image, detect_resolution=resolution, image_resolution=resolution,
+                                                  output_type="np")
+    if processor_id == "softedge":
+        from controlnet_aux.hed import HEDdetector
+        detector = HEDdetector(_hed(path).to(device))
+        return lambda image, resolution: detector(image, detect_resolution=resolution, image_resolution=resolution,
+                                                  safe=False, output_type="np")
+    from controlnet_aux.midas import MidasDetector
+    detector = MidasDetector(_midas(path).to(device))
+    return lambda image, resolution: detector(image, detect_resolution=resolution, image_resolution=resolution,
+                                              output_type="np")
