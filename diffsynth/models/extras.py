@@ -63,12 +63,12 @@ def add_textual_inversions(tokenizer, embeddings):
     ids = {}
     for keyword, rows in embeddings.items():
         names = token_names(keyword, rows.shape[0])
-        clash = [name for name in names if name in tokenizer.get_vocab()]
-        if clash:
-            raise UserError(f"textual inversion '{keyword}': token {clash[0]} is already in the vocabulary; "
-                            "rename the file")
+        before = len(tokenizer)
         tokenizer.add_tokens(names)
         ids[keyword] = tokenizer.convert_tokens_to_ids(names)
+        if len(tokenizer) != before + len(names) or min(ids[keyword]) < before:
+            raise UserError(f"textual inversion '{keyword}': its tokens clash with tokens already in the vocabulary "
+                            "(CLIP's tokenizer ignores case: two files whose names differ only in case?); rename it")
     return ids
 
 
