@@ -82,7 +82,22 @@ def _midas(path):
 
 
 def make_annotator(processor_id, folder=None, device="cpu"):
-    """A function (image HWC uint8, resolution) → annotated HWC/HW uint8 at that detect resolution."""
+    """A function (image HWC uint8, detect resolution) → the annotation, HWC uint8 RGB of the image's own size."""
+    annotate = _make(processor_id, folder, device)
+
+    def run(image, resolution):
+        import cv2
+        import numpy as np
+        out = np.asarray(annotate(image, resolution))
+        if out.ndim == 2:
+            out = np.stack([out] * 3, axis=-1)
+        if out.shape[:2] != image.shape[:2]:
+            out = cv2.resize(out, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+        return out.astype(np.uint8)
+    return run
+
+
+def _make(processor_id, folder, device):
     if processor_id == "canny":
         from controlnet_aux.canny import CannyDetector
         detector = CannyDetector()
