@@ -50,5 +50,10 @@ class Stage:
         return bytes_to_tensors(self.read_bytes(stage, key))
 
 
-def frame_key(index, extension):
-    return f"{index:06d}.{extension}"
+def frame_key(index):
+    """The key of frame `index`'s unit, the same in every per-frame stage."""
+    return f"{index:06d}.safetensors"
+
+
+def frame_index(key):
+    return int(key.split(".")[0])

@@ -25,7 +25,7 @@ def crop_and_resize(image, width, height, mode):
 
 
 class CropStage(Stage):
-    version = "1"
+    version = "2"  # 2: frames stored as raw uint8 safetensors instead of PNG
 
     def __init__(self, ctx, decoded, frames_config, name="crop"):
         super().__init__(ctx, [decoded])

@@ -3,11 +3,11 @@
 from ..cache import image_to_bytes
 from ..models.loader import file_identity
 from ..video import decode
-from .base import Stage, frame_key
+from .base import Stage, frame_index, frame_key
 
 
 class DecodeStage(Stage):
-    version = "1"
+    version = "2"  # 2: frames stored as raw uint8 safetensors instead of PNG
 
     def __init__(self, ctx, frames_config, source, frame_range, name="decode"):
         super().__init__(ctx)
@@ -20,10 +20,10 @@ class DecodeStage(Stage):
         return {"source": file_identity(self.source.path), "start": self.start, "end": self.end}
 
     def unit_keys(self):
-        return [frame_key(i, "png") for i in range(self.end - self.start)]
+        return [frame_key(i) for i in range(self.end - self.start)]
 
     def run(self, pending_keys):
         """Decode sequentially from the keyframe before the first pending frame (seeking per frame is slow)."""
-        by_source_index = {self.start + int(key.split(".")[0]): key for key in pending_keys}
+        by_source_index = {self.start + frame_index(key): key for key in pending_keys}
         for source_index, image in decode(self.source, by_source_index):
             yield by_source_index[source_index], image_to_bytes(image), None

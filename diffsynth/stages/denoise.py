@@ -16,7 +16,7 @@ import torch
 from ..cache import tensors_to_bytes
 from ..errors import UserError
 from ..schedule import alphas_cumprod, ddim_step, sliding_windows, tent_weight, timesteps, windows_containing
-from .base import Stage, frame_key
+from .base import Stage, frame_index, frame_key
 from .latents import image_to_vae_input
 
 
@@ -59,9 +59,9 @@ class DenoiseWindowsStage(Stage):
         return [f"w{j:05d}.safetensors" for j in range(len(self.windows))]
 
     def _window_inputs(self, start, end):
-        latents = torch.stack([self.read_tensors(self.latents, frame_key(i, "safetensors"))["latent"]
+        latents = torch.stack([self.read_tensors(self.latents, frame_key(i))["latent"]
                                for i in range(start, end)])
-        conditions = [torch.cat([image_to_vae_input(self.read_image(source, frame_key(i, "png")), "cpu")
+        conditions = [torch.cat([image_to_vae_input(self.read_image(source, frame_key(i)), "cpu")
                                  for i in range(start, end)]).add(1).div(2)  # RGB in [0, 1]
                       for source in self.control_sources]
         return latents, conditions
@@ -169,7 +169,7 @@ class DenoiseStepStage(Stage):
         return combine_window_eps(index, self.windows_stage.windows, self._window_eps)
 
     def compute(self, key):
-        index = int(key.split(".")[0])
+        index = frame_index(key)
         x_t = self.read_tensors(self.latents, key)["latent"]
         eps = self.eps(index)
         if self.smoothed is not None:

@@ -3,16 +3,16 @@ the source's audio for the rendered range)."""
 
 from pathlib import Path
 
-from ..cache import bytes_to_image, write_atomically
+from ..cache import bytes_to_image, image_to_png, write_atomically
 from ..video import encode_video, encoder_name
-from .base import Stage
+from .base import Stage, frame_index, frame_key
 
 VIDEO_KEY = "video.mp4"
 
 
 class EncodeStage(Stage):
     name = "encode"
-    version = "1"
+    version = "2"  # 2: frames stored as raw uint8 safetensors instead of PNG
 
     def __init__(self, ctx, final_frames, fps, audio):
         super().__init__(ctx, [final_frames])
@@ -25,17 +25,13 @@ class EncodeStage(Stage):
         return {"fps": str(self.fps), "crf": data.crf, "audio": self.audio,
                 "size": [data.input_frames.width, data.input_frames.height]}
 
-    def frame_keys(self):
-        return [f"frames/{int(key.split('.')[0]):05d}.png" for key in self.final_frames.unit_keys()]
-
     def unit_keys(self):
-        return self.frame_keys() + [VIDEO_KEY]
+        return [f"frames/{frame_index(key):05d}.png" for key in self.final_frames.unit_keys()] + [VIDEO_KEY]
 
     def compute(self, key):
         if key == VIDEO_KEY:
             return self._encode(), VIDEO_KEY
-        source_key = f"{int(Path(key).stem):06d}.png"
-        return self.read_bytes(self.final_frames, source_key), key
+        return image_to_png(self.read_image(self.final_frames, frame_key(int(Path(key).stem)))), key
 
     def _encode(self):
         """Stream the frames into the encoder (one frame in memory at a time), writing the video atomically in

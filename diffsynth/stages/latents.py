@@ -5,7 +5,7 @@ import torch
 
 from ..cache import tensors_to_bytes
 from ..schedule import LATENT_SCALE, add_noise, alphas_cumprod, frame_noise, timesteps
-from .base import Stage
+from .base import Stage, frame_index
 
 
 def image_to_vae_input(image, device):
@@ -32,19 +32,19 @@ class InitialLatentsStage(Stage):
         return params
 
     def unit_keys(self):
-        return [key.replace(".png", ".safetensors") for key in self.cropped.unit_keys()]
+        return self.cropped.unit_keys()
 
     @torch.no_grad()
     def compute(self, key):
         frames = self.ctx.config.data.input_frames
-        index = int(key.split(".")[0])
+        index = frame_index(key)
         noise = frame_noise(self.ctx.config.pipeline.seed, self.first_frame_id + index,
                             (4, frames.height // 8, frames.width // 8))
         inputs = self.ctx.config.pipeline.pipeline_inputs
         if inputs.denoising_strength >= 1:
             return tensors_to_bytes({"latent": noise}), None
         vae = self.ctx.models.vae
-        image = self.read_image(self.cropped, key.replace(".safetensors", ".png"))
+        image = self.read_image(self.cropped, key)
         x0 = vae.encode(image_to_vae_input(image, vae.device)).latent_dist.mean[0].float().cpu() * LATENT_SCALE
         alpha = alphas_cumprod(self.ctx.models.has_motion_module)[
             timesteps(inputs.denoising_strength, inputs.num_inference_steps)[0]].item()

@@ -18,7 +18,7 @@ def decode_latent(vae, latent):
 
 class VaeDecodeStage(Stage):
     name = "vae_decode"
-    version = "1"
+    version = "2"  # 2: frames stored as raw uint8 safetensors instead of PNG
 
     def __init__(self, ctx, latents):
         super().__init__(ctx, [latents])
@@ -28,8 +28,8 @@ class VaeDecodeStage(Stage):
         return {"models": self.ctx.models.identity("vae")}
 
     def unit_keys(self):
-        return [key.replace(".safetensors", ".png") for key in self.latents.unit_keys()]
+        return self.latents.unit_keys()
 
     def compute(self, key):
-        latent = self.read_tensors(self.latents, key.replace(".png", ".safetensors"))["latent"]
+        latent = self.read_tensors(self.latents, key)["latent"]
         return image_to_bytes(decode_latent(self.ctx.models.vae, latent)), None
