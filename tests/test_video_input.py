@@ -1,0 +1,90 @@
+"""Frame-accurate input: variable frame rate, rotated phone videos, image folders, decoding from the middle."""
+
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffsynth.config import FramesConfig
+from diffsynth.errors import UserError
+from diffsynth.video import decode, probe
+
+
+def shade(index):
+    return (index * 23) % 200 + 30
+
+
+def write_vfr_video(path, pts_ms, rotation=0, size=(32, 16)):
+    """Solid frames whose grey level encodes their index, at irregular timestamps (milliseconds)."""
+    width, height = size
+    with av.open(str(path), "w") as output:
+        stream = output.add_stream("libx264")
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        stream.options = {"crf": "0", "g": "4"}  # lossless, a keyframe every 4 frames: seeking matters
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for index, pts in enumerate(pts_ms):
+            array = np.full((height, width, 3), shade(index), np.uint8)
+            array[:, : width // 4] = 255  # a white stripe on the left: shows which way is up
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                output.mux(packet)
+        for packet in stream.encode():
+            output.mux(packet)
+    return path
+
+
+def frames_config(**kwargs):
+    return FramesConfig(width=32, height=16, **kwargs)
+
+
+def grey(image):
+    return int(np.median(image[:, image.shape[1] // 2:]))
+
+
+def test_variable_frame_rate_frames_come_in_presentation_order(tmp_path):
+    pts = [0, 33, 50, 150, 160, 170, 400, 433, 466, 700, 720, 740, 1000]
+    source = probe(frames_config(video_file=str(write_vfr_video(tmp_path / "vfr.mp4", pts))))
+    assert len(source) == len(pts)
+    frames = dict(decode(source, range(len(pts))))
+    assert [abs(grey(frames[i]) - shade(i)) <= 2 for i in range(len(pts))] == [True] * len(pts)
+    assert source.seconds(6) == pytest.approx(0.4)
+
+
+def test_decoding_from_the_middle_gives_the_same_frames(tmp_path):
+    pts = [i * 40 + (i % 3) * 7 for i in range(20)]
+    source = probe(frames_config(video_file=str(write_vfr_video(tmp_path / "v.mp4", pts))))
+    everything = dict(decode(source, range(20)))
+    resumed = dict(decode(source, [11, 12, 17]))
+    assert sorted(resumed) == [11, 12, 17]
+    for index, image in resumed.items():
+        assert np.array_equal(image, everything[index])
+
+
+def test_rotated_phone_video_comes_out_upright(tmp_path):
+    source = probe(frames_config(video_file=str(write_vfr_video(tmp_path / "r.mp4", [0, 33, 66], rotation=90))))
+    (_, image), = list(decode(source, [1]))
+    assert image.shape[:2] == (32, 16)  # portrait now
+    # Rotated 90° counter-clockwise (as players show it): the left stripe is at the bottom.
+    assert image[-4:].mean() > 250 and image[:4].mean() < 200
+
+
+def test_image_folder_is_read_in_name_order(tmp_path):
+    for index in (2, 0, 1):
+        Image.fromarray(np.full((16, 32, 3), shade(index), np.uint8)).save(tmp_path / f"frame_{index:03d}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    source = probe(frames_config(image_folder=str(tmp_path)))
+    assert len(source) == 3
+    assert [grey(image) for _, image in decode(source, [0, 1, 2])] == [shade(0), shade(1), shade(2)]
+
+
+def test_truncated_video_is_a_user_error(tmp_path):
+    path = write_vfr_video(tmp_path / "v.mp4", list(range(0, 400, 40)))
+    (tmp_path / "cut.mp4").write_bytes(path.read_bytes()[:300])
+    with pytest.raises(UserError):
+        source = probe(frames_config(video_file=str(tmp_path / "cut.mp4")))
+        list(decode(source, range(len(source))))
