@@ -1,4 +1,4 @@
-"""`diffsynth render | status | demo`. Exit codes: 0 done, 1 internal error, 2 bad input, 3 interrupted."""
+"""`diffsynth render | status | demo | models check`. Exit codes: 0 done, 1 internal error, 2 bad input, 3 interrupted."""
 
 import argparse
 import json
@@ -25,6 +25,11 @@ def _parser():
     demo.add_argument("--output-folder", help="run folder (default: the demo config's, runs/demo)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     demo.add_argument("--no-progress", action="store_true")
+    models = commands.add_parser("models", help="inspect the model files a config names")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    check = models_commands.add_parser("check", help="list every model file, what it is, and its problems")
+    check.add_argument("config", help="YAML config file")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     return parser
 
 
@@ -62,9 +67,22 @@ def cmd_status(args):
               f"{stage['bytes'] / 1e6:>10.1f} MB  {'complete' if stage['complete'] else ''}")
 
 
+def cmd_models(args):
+    from .config import load_config
+    from .models.check import check_models
+
+    config = load_config(args.config, args.overrides)
+    rows, problems = check_models(config.models)
+    for status, path, text in rows:
+        print(f"{status:<8} {path}: {text}")
+    if problems:
+        raise UserError(f"{problems} model problem(s) in {args.config}; see the lines marked PROBLEM above")
+    print(f"all {len(rows)} model entries OK")
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
-    handlers = {"render": cmd_render, "status": cmd_status, "demo": cmd_demo}
+    handlers = {"render": cmd_render, "status": cmd_status, "demo": cmd_demo, "models": cmd_models}
     try:
         handlers[args.command](args)
     except UserError as error:
