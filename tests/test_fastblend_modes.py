@@ -218,3 +218,29 @@ def test_unit_order_and_release_bookkeeping():
         other = SmoothingPlan(5, FastBlendConfig(inference_mode=mode, window_size=2))
         assert other.unit_keys() == [f"frame/{i:06d}" for i in range(5)]
         assert other.releasable_after(5) == [] and other.needed_tables("frame/000001") == []
+
+
+@pytest.mark.parametrize("mode", ["fast", "balanced", "accurate", "interpolation"])
+@pytest.mark.parametrize("height,width", [(8, 8), (19, 26)])
+def test_tiny_and_odd_frame_sizes(mode, height, width):
+    # Patches larger than the frame (default max patch 13 on 8x8) and odd sizes between pyramid levels.
+    g = torch.Generator().manual_seed(2)
+    frames = [torch.rand(height, width, 3, generator=g) * 255 for _ in range(5)]
+    config = FastBlendConfig(inference_mode=mode, window_size=2, num_iter=2, keyframe_ids=(1, 3))
+    out = smooth_in_memory(frames, frames, config)
+    assert [tuple(o.shape) for o in out] == [(height, width, 3)] * 5
+    assert all(bool(torch.isfinite(o).all()) and float(o.min()) >= 0 and float(o.max()) <= 255 for o in out)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        FastBlendConfig(inference_mode="turbo")
+    with pytest.raises(ValueError):
+        FastBlendConfig(inference_mode="interpolation")  # needs keyframes
+    with pytest.raises(ValueError):
+        FastBlendConfig(minimum_patch_size=4)
+    assert FastBlendConfig(keyframe_ids=[5, 1, 5]).keyframe_ids == (1, 5)
+    with pytest.raises(ValueError):
+        SmoothingPlan(4, FastBlendConfig(inference_mode="interpolation", keyframe_ids=(0, 4)))
+    with pytest.raises(KeyError):
+        SmoothingPlan(4, FastBlendConfig(inference_mode="balanced")).compute("frame/000009", None, None)
