@@ -68,13 +68,32 @@ def _read_pid(path):
     return int(digits) if digits.isdigit() else None
 
 
+def _locked(run_dir):
+    """True while a render holds the run folder's lock (the same probe as RunCache.is_locked)."""
+    import fcntl
+    lock_path = Path(run_dir) / "lock"
+    if not lock_path.exists():
+        return False
+    with open(lock_path, "a+") as probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(probe, fcntl.LOCK_UN)
+        return False
+
+
 def render_pid(run_dir):
     """The pid of the render working in this run folder, or None: the lock holder, else the process the page
-    launched while it is still starting up (before it takes the lock)."""
+    launched while it is still starting up (before it takes the lock). A process that held the lock and let it go
+    is only exiting: it no longer counts."""
     run_dir = Path(run_dir)
-    for candidate in (_read_pid(run_dir / "lock"), _read_pid(run_dir / PID_FILE)):
-        if candidate and _pid_alive(candidate):
-            return candidate
+    lock_pid = _read_pid(run_dir / "lock")
+    if _locked(run_dir):
+        return lock_pid
+    launched = _read_pid(run_dir / PID_FILE)
+    if launched and launched != lock_pid and _pid_alive(launched):
+        return launched
     return None
 
 
@@ -269,11 +288,8 @@ def read_progress(run_dir):
         frame = newest_frame(run_dir, units)
         report["frame"] = str(frame) if frame else None
     if report["state"] != "running":
-        lock_pid = _read_pid(run_dir / "lock")
-        if report["pid"] and report["pid"] != lock_pid and report["state"] != "complete":
-            # launched, not holding the lock yet (loading, or a resume just begun); a process that did hold the
-            # lock and still lives is only exiting, and the state it recorded stands
-            report["state"] = "starting"
+        if report["pid"] and report["state"] != "complete":
+            report["state"] = "starting"  # launched, not holding the lock yet (loading, or a resume just begun)
         elif report["state"] == "new" and (run_dir / PROCESS_LOG).is_file():
             report["state"] = "failed"
         if report["state"] in ("failed", "interrupted") and not report["message"]:
