@@ -51,12 +51,12 @@ def patch_error(target: torch.Tensor, source: torch.Tensor, nnf: torch.Tensor, p
     source_pad = pad_edge(source, radius)
     hp, wp = source_pad.shape[1:3]
     rows = _flat_rows(source_pad)
-    base = _flat_index(nnf, radius, (hp, wp))
+    # Index of the patch's top-left corner; offset d is then a view of the rows starting d further on.
+    corner = (_flat_index(nnf, radius, (hp, wp)) - (radius * wp + radius)).reshape(-1)
     error = torch.zeros_like(target)
     for dy in range(-radius, radius + 1):
         for dx in range(-radius, radius + 1):
-            index = (base + (dy * wp + dx)).reshape(-1)
-            matched = rows.index_select(0, index).view_as(target)
+            matched = rows[(dy + radius) * wp + dx + radius :].index_select(0, corner).view_as(target)
             diff = target_pad[:, radius + dy : radius + dy + height, radius + dx : radius + dx + width] - matched
             error.addcmul_(diff, diff)
     return error.sum(dim=-1)
