@@ -22,7 +22,8 @@ from diffsynth.demo import ensure_demo_assets, write_synthetic_clip  # noqa: E40
 
 MEASURE = """
 import resource, subprocess, sys
-code = subprocess.run([sys.executable, "-m", "diffsynth", "render", sys.argv[1], "--no-progress"]).returncode
+code = subprocess.run([sys.executable, "-m", "diffsynth", "render", sys.argv[1], "--no-progress"],
+                      stdout=subprocess.DEVNULL).returncode
 print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 

@@ -25,6 +25,7 @@ from safetensors.torch import save as save_safetensors
 from .errors import UserError
 
 TMP_SUFFIX = ".tmp"
+RELEASED = -1  # the size recorded for a finished unit whose file was deleted because nothing needs it any more
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS stages (
     name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, total INTEGER NOT NULL, retired INTEGER NOT NULL DEFAULT 0,
@@ -243,6 +244,8 @@ class RunCache:
                               (stage, key)).fetchone()
         if row is None:
             raise CorruptUnit(stage, key, "not in the manifest")
+        if row[1] == RELEASED:
+            raise CorruptUnit(stage, key, "released")
         try:
             data = (self.run_dir / row[0]).read_bytes()
         except FileNotFoundError:
@@ -250,6 +253,14 @@ class RunCache:
         if len(data) != row[1] or checksum(data) != row[2]:
             raise CorruptUnit(stage, key, "checksum mismatch")
         return data
+
+    def release_unit(self, stage, key):
+        """Delete a finished unit's file that nothing still to be computed needs; its row stays, marked released
+        (size -1), so it still counts as done. Reading it later raises CorruptUnit, and the runner recomputes it."""
+        row = self.db.execute("SELECT path FROM units WHERE stage = ? AND key = ?", (stage, key)).fetchone()
+        if row:
+            (self.run_dir / row[0]).unlink(missing_ok=True)
+            self.db.execute("UPDATE units SET size = -1 WHERE stage = ? AND key = ?", (stage, key))
 
     def forget_unit(self, stage, key):
         row = self.db.execute("SELECT path FROM units WHERE stage = ? AND key = ?", (stage, key)).fetchone()
@@ -262,7 +273,8 @@ class RunCache:
         """Forget units whose file is missing or has the wrong size (and, with `full`, the wrong checksum).
         Returns the forgotten keys."""
         bad = []
-        rows = self.db.execute("SELECT key, path, size, checksum FROM units WHERE stage = ?", (stage,)).fetchall()
+        rows = self.db.execute("SELECT key, path, size, checksum FROM units WHERE stage = ? AND size != ?",
+                               (stage, RELEASED)).fetchall()
         for key, path, size, digest in rows:
             file = self.run_dir / path
             try:
@@ -293,4 +305,5 @@ class RunCache:
         return removed
 
     def bytes_on_disk(self, stage):
-        return self.db.execute("SELECT COALESCE(SUM(size), 0) FROM units WHERE stage = ?", (stage,)).fetchone()[0]
+        return self.db.execute("SELECT COALESCE(SUM(size), 0) FROM units WHERE stage = ? AND size > 0",
+                               (stage,)).fetchone()[0]

@@ -102,9 +102,32 @@ class PipelineConfig(Schema):
     pipeline_inputs: PipelineInputs = Field(default_factory=PipelineInputs)
 
 
+class FastBlendSettings(Schema):
+    """FastBlend's parameters, with the original tool's names and defaults."""
+    inference_mode: Literal["fast", "balanced", "accurate", "interpolation"] = Field(
+        "fast", description="fast: dyadic tables; balanced/accurate: warp every frame in the window; "
+                            "interpolation: only keyframe_ids are rendered")
+    window_size: int = Field(60, ge=0, description="frames on each side blended into each frame")
+    batch_size: int = Field(8, ge=1, description="frame pairs matched at once")
+    minimum_patch_size: int = Field(5, ge=1, description="smallest patch (odd)")
+    num_iter: int = Field(5, ge=1, description="patch-match iterations per pyramid level")
+    guide_weight: float = Field(10.0, ge=0.0, description="weight of the guide (input frames) in the patch error")
+    initialize: Literal["identity", "random"] = "identity"
+    tracking_window_size: int = Field(0, ge=0)
+    keyframe_ids: list[int] = Field(default_factory=list, description="interpolation mode: the rendered keyframes")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.minimum_patch_size % 2 == 0:
+            raise ValueError(f"minimum_patch_size {self.minimum_patch_size} must be odd")
+        if self.inference_mode == "interpolation" and not self.keyframe_ids:
+            raise ValueError("inference_mode interpolation needs keyframe_ids")
+        return self
+
+
 class SmootherConfig(Schema):
     processor_type: Literal["FastBlend"] = "FastBlend"
-    config: dict = Field(default_factory=dict)
+    config: FastBlendSettings = Field(default_factory=FastBlendSettings)
 
 
 class RenderConfig(Schema):
@@ -120,6 +143,10 @@ class RenderConfig(Schema):
             raise ValueError(f"data.controlnet_frames has {len(self.data.controlnet_frames)} entries "
                              f"for {len(units)} controlnet units")
         return self
+
+    def fastblend_settings(self):
+        """The FastBlend settings smoothing uses: the first smoother config's, or the defaults."""
+        return self.smoother_configs[0].config if self.smoother_configs else FastBlendSettings()
 
     def controlnet_frames_for(self, unit_index):
         if self.data.controlnet_frames is None:

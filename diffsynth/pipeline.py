@@ -14,10 +14,11 @@ from .runner import run_stages
 from .stages.annotate import AnnotateStage
 from .stages.crop import CropStage
 from .stages.decode import DecodeStage
-from .stages.denoise import DenoiseStepStage, DenoiseWindowsStage
+from .stages.denoise import DenoiseStepStage, DenoiseWindowsStage, denoising_schedule
 from .stages.encode import VIDEO_KEY, EncodeStage
 from .stages.latents import InitialLatentsStage
 from .stages.prompts import PromptStage
+from .stages.smooth import InLoopX0Stage, SmoothStage
 from .stages.vae_decode import VaeDecodeStage
 from .video import probe
 
@@ -44,9 +45,9 @@ def build_stages(ctx):
     """The ordered stage list for a config. Frame sources shared by several consumers are decoded once."""
     config = ctx.config
     inputs = config.pipeline.pipeline_inputs
-    if inputs.smoother_progress_ids or config.smoother_configs:
-        raise UserError("smoothing (pipeline.pipeline_inputs.smoother_progress_ids / smoother_configs) needs "
-                        "FastBlend, which this version does not have yet; remove those keys")
+    steps = inputs.num_inference_steps
+    smooth_steps = {k for k in inputs.smoother_progress_ids if 0 <= k < steps}
+    smooth_final = any(k in (-1, steps) for k in inputs.smoother_progress_ids)
     stages = []
     frame_stages = {}  # FramesConfig JSON → its crop stage
 
@@ -80,17 +81,28 @@ def build_stages(ctx):
     prompts = PromptStage(ctx)
     latents = InitialLatentsStage(ctx, input_crop, first_frame_id=start)
     stages += [prompts, latents]
-    for step_index in range(inputs.num_inference_steps):
+    for step_index in range(steps):
         windows = DenoiseWindowsStage(ctx, step_index, latents, prompts, control_sources, num_frames)
-        latents = DenoiseStepStage(ctx, step_index, latents, windows)
-        stages += [windows, latents]
+        stages.append(windows)
+        smoothed = None
+        if step_index in smooth_steps:
+            x0 = InLoopX0Stage(ctx, step_index, latents, windows, denoising_schedule(ctx)[1][step_index])
+            smoothed = SmoothStage(ctx, f"smooth.{step_index:03d}.blend", input_crop, x0,
+                                   config.fastblend_settings(), ephemeral=True)
+            stages += [x0, smoothed]
+        latents = DenoiseStepStage(ctx, step_index, latents, windows, smoothed)
+        stages.append(latents)
     decoded = VaeDecodeStage(ctx, latents)
     stages.append(decoded)
+    if smooth_final:
+        decoded = SmoothStage(ctx, "smooth.final", input_crop, decoded, config.fastblend_settings())
+        stages.append(decoded)
     fps = Fraction(config.data.fps).limit_denominator(1001 * 1000) if config.data.fps else input_source.fps
     audio = None
     if input_source.is_video:
         audio = (input_source.path, input_source.seconds(start), input_source.seconds(end))
-    stages.append(EncodeStage(ctx, decoded, fps, audio))
+    size = (config.data.input_frames.width, config.data.input_frames.height)
+    stages.append(EncodeStage(ctx, decoded, fps, audio, size, config.data.crf))
     return stages
 
 

@@ -25,6 +25,10 @@ class Stage:
     def unit_keys(self):
         raise NotImplementedError
 
+    def frame_keys(self):
+        """The per-frame results the next stage reads, in frame order (most stages: all their units)."""
+        return self.unit_keys()
+
     def compute(self, key):
         """The bytes of one unit (and, optionally, its path relative to the run folder) as (data, path)."""
         raise NotImplementedError

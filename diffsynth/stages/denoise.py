@@ -15,7 +15,8 @@ import torch
 
 from ..cache import tensors_to_bytes
 from ..errors import UserError
-from ..schedule import alphas_cumprod, ddim_step, sliding_windows, tent_weight, timesteps, windows_containing
+from ..schedule import (LATENT_SCALE, alphas_cumprod, ddim_step, eps_from_x0, sliding_windows, tent_weight,
+                        timesteps, windows_containing)
 from .base import Stage, frame_index, frame_key
 from .latents import image_to_vae_input
 
@@ -157,7 +158,10 @@ class DenoiseStepStage(Stage):
         self._window_eps = lru_cache(maxsize=cache_size)(self._read_window_eps)
 
     def params(self):
-        return {"alpha_t": self.alpha_t, "alpha_prev": self.alpha_prev}
+        params = {"alpha_t": self.alpha_t, "alpha_prev": self.alpha_prev}
+        if self.smoothed is not None:
+            params["models"] = self.ctx.models.identity("vae")
+        return params
 
     def unit_keys(self):
         return self.latents.unit_keys()
@@ -171,7 +175,12 @@ class DenoiseStepStage(Stage):
     def compute(self, key):
         index = frame_index(key)
         x_t = self.read_tensors(self.latents, key)["latent"]
-        eps = self.eps(index)
-        if self.smoothed is not None:
-            eps = self.smoothed.eps_from_smoothed(key, x_t, self.alpha_t)
+        if self.smoothed is None:
+            eps = self.eps(index)
+        else:  # in-loop smoothing: ε recomputed from the smoothed frame's x0
+            vae = self.ctx.models.vae
+            image = image_to_vae_input(self.read_image(self.smoothed, key), vae.device)
+            with torch.no_grad():
+                x0 = vae.encode(image).latent_dist.mean[0].float().cpu() * LATENT_SCALE
+            eps = eps_from_x0(x_t, x0, self.alpha_t)
         return tensors_to_bytes({"latent": ddim_step(x_t, eps, self.alpha_t, self.alpha_prev)}), None

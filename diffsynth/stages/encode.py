@@ -14,19 +14,19 @@ class EncodeStage(Stage):
     name = "encode"
     version = "2"  # 2: frames stored as raw uint8 safetensors instead of PNG
 
-    def __init__(self, ctx, final_frames, fps, audio):
+    def __init__(self, ctx, final_frames, fps, audio, size, crf):
         super().__init__(ctx, [final_frames])
         self.final_frames = final_frames
         self.fps = fps
         self.audio = audio  # (source path, start seconds, end seconds) or None
+        self.width, self.height = size
+        self.crf = crf
 
     def params(self):
-        data = self.ctx.config.data
-        return {"fps": str(self.fps), "crf": data.crf, "audio": self.audio,
-                "size": [data.input_frames.width, data.input_frames.height]}
+        return {"fps": str(self.fps), "crf": self.crf, "audio": self.audio, "size": [self.width, self.height]}
 
     def unit_keys(self):
-        return [f"frames/{frame_index(key):05d}.png" for key in self.final_frames.unit_keys()] + [VIDEO_KEY]
+        return [f"frames/{frame_index(key):05d}.png" for key in self.final_frames.frame_keys()] + [VIDEO_KEY]
 
     def compute(self, key):
         if key == VIDEO_KEY:
@@ -36,9 +36,7 @@ class EncodeStage(Stage):
     def _encode(self):
         """Stream the frames into the encoder (one frame in memory at a time), writing the video atomically in
         place; the runner records it (data None = the file is already there)."""
-        frames_config = self.ctx.config.data.input_frames
-        frames = (bytes_to_image(self.read_bytes(self.final_frames, key)) for key in self.final_frames.unit_keys())
+        frames = (bytes_to_image(self.read_bytes(self.final_frames, key)) for key in self.final_frames.frame_keys())
         write_atomically(self.ctx.cache.run_dir / VIDEO_KEY, lambda tmp: encode_video(
-            tmp, frames, self.fps, self.ctx.config.data.crf, frames_config.width, frames_config.height,
-            audio=self.audio, codec=encoder_name()))
+            tmp, frames, self.fps, self.crf, self.width, self.height, audio=self.audio, codec=encoder_name()))
         return None

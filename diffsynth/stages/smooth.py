@@ -1,0 +1,153 @@
+"""Stages 7 and 9, FastBlend smoothing, resumable through the manifest.
+
+A smoothing stage's units are its FastBlend plan's units: blended tables (fast mode) and target frames, so a crash
+loses at most one of them. Tables are stored as float16 and released (file deleted, row kept) as soon as no unit
+still to be produced needs them, so smoothing's disk use grows with the window, not with the video. Frames are read
+on demand through a small LRU: RAM holds about one window of frames.
+
+- `smooth.final` (stage 9): the decoded frames, guided by the cropped input frames, before encoding.
+- `smooth.<k>.x0` + `smooth.<k>.blend` (stage 7, in-loop at step k): x0 estimated from the step's ε, VAE-decoded in
+  float32, then blended; the step stage VAE-encodes the blended frames and recomputes ε from them.
+"""
+
+from collections import OrderedDict
+from dataclasses import asdict
+from functools import lru_cache
+
+import torch
+
+from ..cache import bytes_to_image, image_to_bytes, tensors_to_bytes
+from ..fastblend import FastBlendConfig, SmoothingPlan
+from ..fastblend import frame_key as plan_frame_key
+from ..schedule import x0_from_eps
+from .base import Stage, frame_index, frame_key
+from .vae_decode import decode_latent
+
+PLAN_FRAME_PREFIX = plan_frame_key(0)[: -len("000000")]
+
+
+def fastblend_config(settings):
+    """The FastBlend config of `smoother_configs[0].config` (validated by the schema already)."""
+    values = settings.model_dump()
+    values["keyframe_ids"] = tuple(values["keyframe_ids"])
+    return FastBlendConfig(**values)
+
+
+class CachedFrames:
+    """FrameAccess over two cached per-frame stages, holding at most `capacity` frames (uint8) in memory."""
+
+    def __init__(self, stage, guide_stage, style_stage, capacity, device):
+        self.stage, self.guide_stage, self.style_stage = stage, guide_stage, style_stage
+        self.num_frames = len(guide_stage.unit_keys())
+        self.capacity, self.device = capacity, device
+        self._frames = OrderedDict()
+
+    def _get(self, source, index):
+        key = (source.name, index)
+        if key in self._frames:
+            self._frames.move_to_end(key)
+        else:
+            self._frames[key] = torch.from_numpy(self.stage.read_image(source, frame_key(index)).copy())
+            if len(self._frames) > self.capacity:
+                self._frames.popitem(last=False)
+        return self._frames[key].to(self.device, torch.float32)
+
+    def guide(self, index):
+        return self._get(self.guide_stage, index)
+
+    def style(self, index):
+        return self._get(self.style_stage, index)
+
+
+class CachedTables:
+    """TableAccess over this stage's own finished table units (float16 on disk)."""
+
+    def __init__(self, stage):
+        self.stage = stage
+
+    def get(self, key):
+        return self.stage.read_tensors(self.stage, table_file(key))["table"].float()
+
+
+def table_file(plan_key):
+    return plan_key + ".safetensors"
+
+
+class SmoothStage(Stage):
+    version = "1"
+
+    def __init__(self, ctx, name, guide, style, settings, ephemeral=False):
+        super().__init__(ctx, [guide, style])
+        self.name, self.guide, self.style, self.ephemeral = name, guide, style, ephemeral
+        self.config = fastblend_config(settings)
+        self.device = ctx.models.device if ctx.models is not None else "cpu"
+        self.plan = SmoothingPlan(len(guide.unit_keys()), self.config, device=self.device)
+        self._plan_keys = self.plan.unit_keys()
+        self._position = {self._cache_key(key): i for i, key in enumerate(self._plan_keys)}
+
+    def params(self):
+        return {"fastblend": asdict(self.config)}
+
+    @staticmethod
+    def _cache_key(plan_key):
+        if plan_key.startswith(PLAN_FRAME_PREFIX):
+            return frame_key(int(plan_key[len(PLAN_FRAME_PREFIX):]))
+        return table_file(plan_key)
+
+    def unit_keys(self):
+        return [self._cache_key(key) for key in self._plan_keys]
+
+    def frame_keys(self):
+        """The per-frame outputs (what the next stage reads), in frame order."""
+        return [frame_key(i) for i in range(len(self.guide.unit_keys()))]
+
+    def run(self, pending_keys):
+        pending = sorted(pending_keys, key=self._position.__getitem__)
+        window = self.config.window_size
+        frames = CachedFrames(self, self.guide, self.style, capacity=2 * (2 * window + 2 + self.config.batch_size),
+                              device=self.device)
+        tables = CachedTables(self)
+        if pending:  # tables a previous run finished with but had not yet released (it died in between)
+            self._release(self.plan.releasable_after(self._position[pending[0]]))
+        for key in pending:
+            position = self._position[key]
+            result = self.plan.compute(self._plan_keys[position], frames, tables)
+            if key.startswith("table"):
+                data = tensors_to_bytes({"table": result.to(torch.float16)})
+            else:
+                data = image_to_bytes(result.round().clamp(0, 255).to(torch.uint8).cpu().numpy())
+            yield key, data, None
+            self._release(self.plan.newly_releasable(position + 1))
+
+    def _release(self, plan_table_keys):
+        for plan_key in plan_table_keys:
+            self.ctx.cache.release_unit(self.name, table_file(plan_key))
+
+
+class InLoopX0Stage(Stage):
+    """Per frame: x0 estimated from step k's combined ε, VAE-decoded in float32 (the style FastBlend smooths)."""
+    version = "1"
+    ephemeral = True
+
+    def __init__(self, ctx, step_index, latents, windows_stage, alpha_t):
+        super().__init__(ctx, [latents, windows_stage])
+        self.name = f"smooth.{step_index:03d}.x0"
+        self.latents, self.windows_stage, self.alpha_t = latents, windows_stage, alpha_t
+        self._window_eps = lru_cache(maxsize=8)(
+            lambda j: self.read_tensors(self.windows_stage, f"w{j:05d}.safetensors")["eps"])
+
+    def params(self):
+        return {"alpha_t": self.alpha_t, "models": self.ctx.models.identity("vae")}
+
+    def unit_keys(self):
+        return self.latents.unit_keys()
+
+    def compute(self, key):
+        from .denoise import combine_window_eps
+        x_t = self.read_tensors(self.latents, key)["latent"]
+        eps = combine_window_eps(frame_index(key), self.windows_stage.windows, self._window_eps)
+        return image_to_bytes(decode_latent(self.ctx.models.vae, x0_from_eps(x_t, eps, self.alpha_t))), None
+
+
+def read_smoothed_frame(stage, smoothed, key):
+    return bytes_to_image(stage.read_bytes(smoothed, key))
