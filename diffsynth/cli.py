@@ -1,10 +1,13 @@
-"""`diffsynth render | status | demo | models check`. Exit codes: 0 done, 1 internal error, 2 bad input, 3 interrupted."""
+"""`diffsynth render | status | demo | smooth | models check`. Exit codes: 0 done, 1 internal error, 2 bad input, 3 interrupted."""
 
 import argparse
 import json
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from .config import FastBlendSettings
 from .errors import Interrupted, UserError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 3
@@ -25,12 +28,52 @@ def _parser():
     demo.add_argument("--output-folder", help="run folder (default: the demo config's, runs/demo)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     demo.add_argument("--no-progress", action="store_true")
+    smooth = commands.add_parser("smooth", help="FastBlend a rendered video, guided by the original (resumable)")
+    smooth.add_argument("--guide", required=True, help="the original video")
+    smooth.add_argument("--style", required=True, help="the rendered (flickering) video, frame for frame")
+    smooth.add_argument("-o", "--output", required=True, help="the smoothed video to write")
+    smooth.add_argument("--run-dir", help="where its cache lives (default: beside the output, OUT.smooth-run)")
+    smooth.add_argument("--crf", type=int, default=17)
+    smooth.add_argument("--device", default="auto")
+    smooth.add_argument("--no-progress", action="store_true")
+    _add_schema_options(smooth, FastBlendSettings, aliases={"inference_mode": "--mode"})
     models = commands.add_parser("models", help="inspect the model files a config names")
     models_commands = models.add_subparsers(dest="models_command", required=True)
     check = models_commands.add_parser("check", help="list every model file, what it is, and its problems")
     check.add_argument("config", help="YAML config file")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     return parser
+
+
+def _add_schema_options(parser, schema, aliases=()):
+    """One --option per schema field (FastBlend's settings): names, defaults and help come from the schema."""
+    aliases = dict(aliases)
+    for name, field in schema.model_fields.items():
+        flags = [f"--{name.replace('_', '-')}"] + ([aliases[name]] if name in aliases else [])
+        kind = field.annotation
+        options = {"dest": name, "default": None, "help": f"{field.description or ''} (default {field.get_default(call_default_factory=True)})"}
+        if getattr(kind, "__origin__", None) is list:
+            options.update(nargs="*", type=int)
+        elif kind in (int, float):
+            options["type"] = kind
+        elif getattr(kind, "__args__", None):
+            options["choices"] = list(kind.__args__)
+        parser.add_argument(*flags, **options)
+
+
+def cmd_smooth(args):
+    from .config import FastBlendSettings
+    from .smooth_video import smooth_video
+
+    given = {name: getattr(args, name) for name in FastBlendSettings.model_fields if getattr(args, name) is not None}
+    try:
+        settings = FastBlendSettings(**given)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise UserError(f"--{'-'.join(str(p) for p in first['loc']).replace('_', '-')}: "
+                        f"{first['msg'].removeprefix('Value error, ')}") from None
+    print(smooth_video(args.guide, args.style, args.output, settings, run_dir=args.run_dir, crf=args.crf,
+                       device=args.device, progress=not args.no_progress))
 
 
 def cmd_render(args):
@@ -82,7 +125,8 @@ def cmd_models(args):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    handlers = {"render": cmd_render, "status": cmd_status, "demo": cmd_demo, "models": cmd_models}
+    handlers = {"render": cmd_render, "status": cmd_status, "demo": cmd_demo, "models": cmd_models,
+                "smooth": cmd_smooth}
     try:
         handlers[args.command](args)
     except UserError as error:

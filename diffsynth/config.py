@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -116,10 +116,15 @@ class FastBlendSettings(Schema):
     tracking_window_size: int = Field(0, ge=0)
     keyframe_ids: list[int] = Field(default_factory=list, description="interpolation mode: the rendered keyframes")
 
+    @field_validator("minimum_patch_size")
+    @classmethod
+    def _odd(cls, value):
+        if value % 2 == 0:
+            raise ValueError(f"{value} must be odd (patches are centred on a pixel)")
+        return value
+
     @model_validator(mode="after")
     def _check(self):
-        if self.minimum_patch_size % 2 == 0:
-            raise ValueError(f"minimum_patch_size {self.minimum_patch_size} must be odd")
         if self.inference_mode == "interpolation" and not self.keyframe_ids:
             raise ValueError("inference_mode interpolation needs keyframe_ids")
         return self

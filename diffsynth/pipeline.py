@@ -31,6 +31,10 @@ class RenderContext:
     cache: RunCache
     models: ModelStore
 
+    @property
+    def device(self):
+        return self.models.device
+
 
 def frame_range(frames_config, source):
     start = frames_config.start_frame_id
@@ -112,7 +116,7 @@ def render(config, progress=True):
     cache = RunCache(run_dir)
     try:
         cache.lock()
-        handler = _log_to(run_dir / "render.log")
+        handler = log_to(run_dir / "render.log")
         try:
             atomic_write(run_dir / "config.json", config_json(config).encode())
             ctx = RenderContext(config, cache, ModelStore(config.models))
@@ -139,7 +143,7 @@ def render(config, progress=True):
     return run_dir / VIDEO_KEY
 
 
-def _log_to(path):
+def log_to(path):
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger = logging.getLogger("diffsynth")

@@ -16,11 +16,12 @@ def demo_assets():
 
 
 def small_config(demo_assets, output_folder, **pipeline_inputs):
-    """A fast render config on the demo assets: 12 frames at 64×64, two sliding windows, tile + canny."""
+    """A fast render config on the demo assets: 12 frames at 64×64, two sliding windows, tile + canny, FastBlend
+    on x0 after the first step and on the final frames."""
     models = demo_assets / "models"
     inputs = {"prompt": "a toon cat", "negative_prompt": "blurry", "cfg_scale": 7.0, "clip_skip": 2,
               "num_inference_steps": 2, "animatediff_batch_size": 8, "animatediff_stride": 4,
-              "controlnet_batch_size": 16}
+              "controlnet_batch_size": 16, "smoother_progress_ids": [0, -1]}
     inputs.update(pipeline_inputs)
     return {
         "models": {"model_list": [str(models / "stable_diffusion"), str(models / "motion_adapter")],
@@ -32,6 +33,8 @@ def small_config(demo_assets, output_folder, **pipeline_inputs):
                                   "start_frame_id": 0, "end_frame_id": 12},
                  "output_folder": str(output_folder)},
         "pipeline": {"seed": 3, "pipeline_inputs": inputs},
+        "smoother_configs": [{"processor_type": "FastBlend", "config": {
+            "inference_mode": "fast", "window_size": 3, "minimum_patch_size": 3, "num_iter": 2}}],
     }
 
 

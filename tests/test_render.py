@@ -55,8 +55,24 @@ def test_status_reports_every_stage_complete(rendered):
     assert report["state"] == "complete" and report["complete"]
     names = [stage["name"] for stage in report["stages"]]
     assert names[:3] == ["decode", "crop", "annotate.1.canny"]
-    assert names[-2:] == ["vae_decode", "encode"]
+    assert names[-3:] == ["vae_decode", "smooth.final", "encode"]
+    assert {"smooth.000.x0", "smooth.000.blend"} <= set(names)
     assert all(stage["complete"] for stage in report["stages"])
+
+
+def test_smoothing_tables_are_released_and_change_the_frames(rendered):
+    db = sqlite3.connect(rendered / "run" / "manifest.sqlite")
+    tables = db.execute("SELECT key, size FROM units WHERE stage = 'smooth.final' AND key LIKE 'table/%'").fetchall()
+    frames = db.execute("SELECT key FROM units WHERE stage = 'smooth.final' AND key NOT LIKE 'table/%'").fetchall()
+    db.close()
+    assert len(tables) > 0 and len(frames) == 12
+    assert all(size == -1 for _, size in tables), "every table is released once no frame needs it"
+    assert not [
+        p for p in (rendered / "run" / "cache" / "smooth.final").rglob("*") if p.is_file() and "table" in str(p)]
+    cache = RunCache(rendered / "run")
+    smoothed = [cache.read("smooth.final", f"{i:06d}.safetensors") for i in range(12)]
+    cache.close()
+    assert smoothed[3] != (rendered / "run" / "cache" / "vae_decode" / "000003.safetensors").read_bytes()
 
 
 def test_prompt_change_reuses_everything_upstream_of_the_prompt(rendered, demo_assets, tmp_path):

@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from ..cache import bytes_to_image, image_to_bytes, tensors_to_bytes
+from ..cache import image_to_bytes, tensors_to_bytes
 from ..fastblend import FastBlendConfig, SmoothingPlan
 from ..fastblend import frame_key as plan_frame_key
 from ..schedule import x0_from_eps
@@ -80,7 +80,7 @@ class SmoothStage(Stage):
         super().__init__(ctx, [guide, style])
         self.name, self.guide, self.style, self.ephemeral = name, guide, style, ephemeral
         self.config = fastblend_config(settings)
-        self.device = ctx.models.device if ctx.models is not None else "cpu"
+        self.device = ctx.device
         self.plan = SmoothingPlan(len(guide.unit_keys()), self.config, device=self.device)
         self._plan_keys = self.plan.unit_keys()
         self._position = {self._cache_key(key): i for i, key in enumerate(self._plan_keys)}
@@ -149,5 +149,3 @@ class InLoopX0Stage(Stage):
         return image_to_bytes(decode_latent(self.ctx.models.vae, x0_from_eps(x_t, eps, self.alpha_t))), None
 
 
-def read_smoothed_frame(stage, smoothed, key):
-    return bytes_to_image(stage.read_bytes(smoothed, key))

@@ -1,0 +1,67 @@
+"""`diffsynth smooth`: FastBlend on a video someone already rendered, guided by the original, resumably.
+
+The same stages as a render's (decode, crop, smooth, encode) in a run folder of its own, so a killed smoothing run
+continues where it stopped.
+"""
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+from .cache import RunCache, write_atomically
+from .config import FastBlendSettings, FramesConfig
+from .errors import UserError
+from .models.loader import resolve_device
+from .pipeline import log_to
+from .runner import run_stages
+from .stages.crop import CropStage
+from .stages.decode import DecodeStage
+from .stages.encode import VIDEO_KEY, EncodeStage
+from .stages.smooth import SmoothStage
+from .video import decode, probe
+
+log = logging.getLogger("diffsynth")
+
+
+@dataclass
+class SmoothContext:
+    cache: RunCache
+    device: str
+    models: None = None
+    config: None = None
+
+
+def smooth_video(guide_path, style_path, output_path, settings: FastBlendSettings, run_dir=None, crf=17,
+                 device="auto", progress=True):
+    output_path = Path(output_path).resolve()
+    run_dir = Path(run_dir) if run_dir else output_path.with_name(output_path.stem + ".smooth-run")
+    guide = probe(FramesConfig(video_file=str(guide_path), width=8, height=8))
+    style = probe(FramesConfig(video_file=str(style_path), width=8, height=8))
+    if len(guide) != len(style):
+        raise UserError(f"the guide {guide_path} has {len(guide)} frames and the style {style_path} has "
+                        f"{len(style)}; give the original video and its rendering, frame for frame")
+    (_, first_style_frame), = list(decode(style, [0]))
+    height, width = first_style_frame.shape[:2]
+    cache = RunCache(run_dir)
+    try:
+        cache.lock()
+        handler = log_to(run_dir / "render.log")
+        try:
+            ctx = SmoothContext(cache, resolve_device(device))
+            decoded_guide = DecodeStage(ctx, None, guide, (0, len(guide)), name="decode.guide")
+            cropped_guide = CropStage(ctx, decoded_guide, SimpleNamespace(width=width, height=height,
+                                                                          resize_mode="crop"), name="crop.guide")
+            decoded_style = DecodeStage(ctx, None, style, (0, len(style)), name="decode.style")
+            smoothed = SmoothStage(ctx, "smooth", cropped_guide, decoded_style, settings)
+            audio = (guide.path, guide.seconds(0), guide.seconds(len(guide)))
+            encode = EncodeStage(ctx, smoothed, style.fps, audio, (width, height), crf)
+            run_stages([decoded_guide, cropped_guide, decoded_style, smoothed, encode], cache, progress=progress)
+            write_atomically(output_path, lambda tmp: shutil.copyfile(run_dir / VIDEO_KEY, tmp))
+        finally:
+            logging.getLogger("diffsynth").removeHandler(handler)
+            handler.close()
+    finally:
+        cache.close()
+    return output_path
