@@ -165,6 +165,8 @@ def _error_line(error):
     if error["type"] == "extra_forbidden":
         parent = RenderConfig
         for part in error["loc"][:-1]:
+            if isinstance(part, int):  # a list index: the element's schema is the list's
+                continue
             field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
             annotation = field.annotation if field else None
             parent = _schema_class(annotation)

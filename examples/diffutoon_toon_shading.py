@@ -14,11 +14,15 @@ HERE = Path(__file__).resolve().parent
 
 config = {
     "models": {
-        "model_list": ["../models/stable_diffusion/aingdiffusion_v12", "../models/AnimateDiff/mm_sd_v15_v2"],
+        "model_list": ["../models/stable_diffusion/aingdiffusion_v12.safetensors",
+                       "../models/AnimateDiff/mm_sd_v15_v2.ckpt"],
         "controlnet_units": [
-            {"processor_id": "tile", "model_path": "../models/ControlNet/control_v11f1e_sd15_tile", "scale": 0.5},
-            {"processor_id": "lineart", "model_path": "../models/ControlNet/control_v11p_sd15_lineart", "scale": 0.5},
+            {"processor_id": "tile", "model_path": "../models/ControlNet/control_v11f1e_sd15_tile.pth", "scale": 0.5},
+            {"processor_id": "lineart", "model_path": "../models/ControlNet/control_v11p_sd15_lineart.pth",
+             "scale": 0.5},
         ],
+        "annotators_folder": "../models/Annotators",
+        "textual_inversion_folder": "../models/textual_inversion",
         "device": "auto",
     },
     "data": {
@@ -34,8 +38,10 @@ config = {
             "negative_prompt": "verybadimagenegative_v1.3",
             "cfg_scale": 7.0, "clip_skip": 2, "denoising_strength": 1.0, "num_inference_steps": 10,
             "animatediff_batch_size": 16, "animatediff_stride": 8, "unet_batch_size": 1, "controlnet_batch_size": 1,
+            "smoother_progress_ids": [-1],
         },
     },
+    "smoother_configs": [{"processor_type": "FastBlend", "config": {"inference_mode": "fast", "window_size": 30}}],
 }
 
 if __name__ == "__main__":
