@@ -32,16 +32,18 @@ from diffsynth.fastblend import FastBlendConfig, smooth_in_memory  # noqa: E402
 MODES = ("balanced", "accurate", "fast", "interpolation")
 
 
-def flickering_scene(num_frames: int, size: int, seed: int = 0):
-    """Clean frames panning by (1, 1.5) px/frame over a smoothed-noise texture, and flickering style frames."""
+def flickering_scene(num_frames: int, size: int, seed: int = 0, width: int | None = None):
+    """Clean frames panning by (1, 1.5) px/frame over a smoothed-noise texture, and flickering style frames.
+    Frames are size×size, or size (height) × width."""
+    width = width or size
     g = torch.Generator().manual_seed(seed)
-    extent = size + 2 * num_frames + 8
+    extent = max(size, width) + 2 * num_frames + 8
     noise = torch.rand(1, 3, extent, extent, generator=g) * 255
     tex = ((F.avg_pool2d(noise, 5, 1, 2) - 128) * 3 + 128).clamp(0, 255)[0].permute(1, 2, 0)
     clean, style = [], []
     for i in range(num_frames):
         y, x = i, (3 * i) // 2
-        frame = tex[y : y + size, x : x + size].contiguous()
+        frame = tex[y : y + size, x : x + width].contiguous()
         gain = 0.75 + 0.5 * torch.rand(1, generator=g)
         bias = (torch.rand(3, generator=g) - 0.5) * 50
         jitter = torch.randn(frame.shape, generator=g) * 10
@@ -61,7 +63,8 @@ def flicker(frames, clean) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=128, help="frame height (and width unless --width)")
+    parser.add_argument("--width", type=int, default=None, help="frame width (default: --size)")
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--window", type=int, default=4, help="window_size of balanced/accurate/fast")
     parser.add_argument("--keyframe-every", type=int, default=4, help="interpolation: keyframe spacing")
@@ -75,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    clean, style = flickering_scene(args.frames, args.size)
+    clean, style = flickering_scene(args.frames, args.size, width=args.width)
     keyframes = tuple(range(0, args.frames, args.keyframe_every))
     if keyframes[-1] != args.frames - 1:
         keyframes += (args.frames - 1,)
@@ -104,7 +107,7 @@ def main() -> None:
         })
         print(f"  {mode}: {seconds:.1f} s", flush=True)
 
-    print(f"\n{args.frames} frames {args.size}x{args.size}, window {args.window}, patches "
+    print(f"\n{args.frames} frames {args.width or args.size}x{args.size}, window {args.window}, patches "
           f"{args.minimum_patch_size + 2 * (args.num_iter - 1)}..{args.minimum_patch_size}, device {args.device}")
     print(f"{'mode':<16}{'MAE vs clean':>14}{'flicker':>10}{'frames/s':>10}")
     for row in rows:
@@ -112,7 +115,7 @@ def main() -> None:
         print(f"{row['mode']:<16}{row['mae']:>14.2f}{row['flicker']:>10.2f}{fps:>10}")
 
     result = {
-        "scene": {"frames": args.frames, "size": args.size, "motion_px_per_frame": [1, 1.5],
+        "scene": {"frames": args.frames, "size": args.size, "width": args.width or args.size, "motion_px_per_frame": [1, 1.5],
                   "flicker": "gain 0.75-1.25, colour bias +-25, gaussian noise sigma 10"},
         "config": {**common, "keyframe_ids": list(keyframes)},
         "device": args.device,
