@@ -17,7 +17,9 @@ from diffsynth.webui import runs as R
 from diffsynth.webui.paths import confine, list_configs, list_models, list_videos, run_folder, run_name
 from diffsynth.webui.settings import load_settings
 
-STATE_ICONS = {"running": "🟢", "starting": "🟡", "complete": "✅", "interrupted": "⏸️", "failed": "❌", "new": "⚪"}
+STATE_ICONS = {"running": ":material/play_circle:", "starting": ":material/hourglass_top:",
+               "complete": ":material/check_circle:", "interrupted": ":material/pause_circle:",
+               "failed": ":material/error:", "new": ":material/radio_button_unchecked:"}
 SECTION_TITLES = {"data": "Input video and output", "models": "Models and ControlNet units",
                   "pipeline": "Prompts and diffusion", "smoother_configs": "Smoothing (FastBlend)"}
 SECTION_ORDER = ("data", "models", "pipeline", "smoother_configs")  # schema fields not named here come after
@@ -224,8 +226,10 @@ def draw_leaf(spec, path, errors):
     elif spec.kind in ("int", "float"):
         step = 1 if spec.kind == "int" else 0.05
         extra = {} if spec.kind == "int" else {"format": "%.2f"}
-        if ss.get(key) is not None:
-            ss[key] = int(ss[key]) if spec.kind == "int" else float(ss[key])
+        value = ss.get(key)
+        wanted = int if spec.kind == "int" else float
+        if value is not None and type(value) is not wanted:  # noqa: E721 - only a loaded config can do this
+            ss[key] = wanted(value)  # (setting it on every run would fight the browser's newer value)
         if spec.optional:
             help_text = (help_text or "") + " (leave empty for the default)"
         st.number_input(label, key=key, step=step, help=help_text, **extra)
@@ -267,7 +271,8 @@ def draw_frames_extras(path):
         end = ss.get(end_key)
         end = info["frames"] if end is None else min(max(int(end), start + 1), info["frames"])
         range_key = "range:" + F.dotted(path + ("range",))
-        ss[range_key] = (start, end)
+        if tuple(ss.get(range_key) or ()) != (start, end):
+            ss[range_key] = (start, end)  # follow the number inputs (only when they differ: see draw_leaf)
         st.slider("frame range [start, end)", 0, info["frames"], key=range_key, on_change=sync_range, args=(path,),
                   help="sets start_frame_id and end_frame_id")
         seconds = (end - start) / info["fps"] if info["fps"] else 0
@@ -313,7 +318,7 @@ def draw_list(spec, path, errors):
 
 def draw_form():
     ensure_form()
-    st.title("🎨 DiffSynth Disk Cache")
+    st.title(":material/palette: DiffSynth Disk Cache")
     st.caption("Toon-shade a video. Every intermediate is kept on disk, so a render survives a crash or a closed tab.")
     show_notices()
 
@@ -458,27 +463,36 @@ def draw_run(name):
 # --- the runs list ----------------------------------------------------------------------------------------------------
 
 def draw_runs_list(current):
-    st.sidebar.header("Runs")
-    st.sidebar.caption(f"under {settings.output}")
-    runs = R.list_runs(settings)
-    if not runs:
-        st.sidebar.caption("No runs yet.")
-    for report in runs:
-        name = report["name"]
-        box = st.sidebar.container(border=True)
-        marker = " (open)" if name == current else ""
-        progress = f" · {report['done']}/{report['total']}" if report.get("total") else ""
-        box.markdown(f"{STATE_ICONS.get(report['state'], '')} **{name}**{marker}  \n{report['state']}{progress}")
-        cols = box.columns(2)
-        cols[0].button("Open", key=f"open:{name}", on_click=open_run, args=(name,), width="stretch")
-        if report["state"] in ("interrupted", "failed"):
-            cols[1].button("Resume", key=f"resume:{name}", on_click=do_resume,
-                           args=(settings.output / name,), width="stretch")
-    with st.sidebar.expander("Folders"):
-        st.caption("models: " + ", ".join(str(p) for p in settings.models))
-        st.caption("videos: " + ", ".join(str(p) for p in settings.videos))
-        st.caption("configs: " + ", ".join(str(p) for p in settings.configs))
-        st.caption(f"output: {settings.output}")
+    with st.sidebar:
+        st.header("Runs")
+        st.caption(f"under {settings.output}")
+        runs = R.list_runs(settings)
+        active = any(report["state"] in R.ACTIVE_STATES for report in runs)
+
+        @st.fragment(run_every=REFRESH_SECONDS * 2 if active else None)
+        def runs_list():
+            reports = R.list_runs(settings)
+            if not reports:
+                st.caption("No runs yet.")
+            for report in reports:
+                name = report["name"]
+                box = st.container(border=True)
+                marker = " (open)" if name == current else ""
+                progress = f" · {report['done']}/{report['total']}" if report.get("total") else ""
+                box.markdown(f"{STATE_ICONS.get(report['state'], '')} **{name}**{marker}  \n"
+                             f"{report['state']}{progress}")
+                cols = box.columns(2)
+                cols[0].button("Open", key=f"open:{name}", on_click=open_run, args=(name,), width="stretch")
+                if report["state"] in ("interrupted", "failed"):
+                    cols[1].button("Resume", key=f"resume:{name}", on_click=do_resume,
+                                   args=(settings.output / name,), width="stretch")
+
+        runs_list()
+        with st.expander("Folders"):
+            st.caption("models: " + ", ".join(str(p) for p in settings.models))
+            st.caption("videos: " + ", ".join(str(p) for p in settings.videos))
+            st.caption("configs: " + ", ".join(str(p) for p in settings.configs))
+            st.caption(f"output: {settings.output}")
 
 
 current_run = st.query_params.get("run")
