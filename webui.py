@@ -426,9 +426,11 @@ def draw_progress(run_dir, first_state):
     if report["video"]:
         st.subheader("Result")
         video_path = Path(report["video"])
-        st.video(str(video_path))
-        st.download_button("Download video.mp4", video_path.read_bytes(), file_name=f"{report['name']}.mp4",
-                           mime="video/mp4", key="download_video")
+        player, side = st.columns([2, 1])
+        player.video(str(video_path))
+        side.download_button("Download video.mp4", video_path.read_bytes(), file_name=f"{report['name']}.mp4",
+                             mime="video/mp4", key="download_video", type="primary")
+        side.caption(f"{video_path} · {video_path.stat().st_size / 1e6:.2f} MB")
     with st.expander("log", expanded=state in ("failed",)):
         st.code(report["log"] or "(no render.log yet)", language=None)
         if report["process_log"]:

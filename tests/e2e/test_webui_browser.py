@@ -141,6 +141,7 @@ def test_render_the_demo_in_a_real_browser(chromium, server, tmp_path):
             expect(page.get_by_role("button", name="Download video.mp4")).to_be_visible()
             page.wait_for_function("document.querySelector('video') && document.querySelector('video').readyState >= 1",
                                    timeout=30_000)
+            page.get_by_role("button", name="Download video.mp4").scroll_into_view_if_needed()
             page.wait_for_timeout(1000)
             page.screenshot(path=str(ARTIFACTS / "webui-complete.png"), full_page=True)
         finally:
