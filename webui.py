@@ -58,9 +58,9 @@ def show_notices():
 def probe_video(path, mtime):
     """(frame count, fps, width, height) of a video, or an error message."""
     import av
-    from diffsynth.video import _probe_video
+    from diffsynth.video import probe_video_file
     try:
-        source = _probe_video(Path(path))
+        source = probe_video_file(Path(path))
         with av.open(path) as container:
             stream = container.streams.video[0]
             width, height = stream.codec_context.width, stream.codec_context.height

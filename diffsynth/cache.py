@@ -118,6 +118,20 @@ def image_to_png(array):
     return buffer.getvalue()
 
 
+def is_locked(run_dir):
+    """True while some process holds the run folder's lock (used by `status` and the web UI)."""
+    lock_path = Path(run_dir) / "lock"
+    if not lock_path.exists():
+        return False
+    with open(lock_path, "a+") as probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(probe, fcntl.LOCK_UN)
+        return False
+
+
 class RunCache:
     """A run folder: config.json, manifest.sqlite, cache/<stage>/…, frames/, video.mp4, lock, render.log."""
 
@@ -149,17 +163,7 @@ class RunCache:
         self._lock_file.flush()
 
     def is_locked(self):
-        """True while some process holds the run folder (used by `status` and the web UI)."""
-        lock_path = self.run_dir / "lock"
-        if not lock_path.exists():
-            return False
-        with open(lock_path, "a+") as probe:
-            try:
-                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return True
-            fcntl.flock(probe, fcntl.LOCK_UN)
-            return False
+        return is_locked(self.run_dir)
 
     def close(self):
         self.db.close()

@@ -159,7 +159,7 @@ class RenderConfig(Schema):
         return self.data.controlnet_frames[unit_index]
 
 
-def _error_line(error):
+def error_line(error):
     """One line for a pydantic error: the dotted key, what is wrong, and a suggestion for misspelt keys."""
     location = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
@@ -194,7 +194,7 @@ def parse_config(data):
     try:
         return RenderConfig.model_validate(data)
     except ValidationError as error:
-        raise UserError("; ".join(_error_line(e) for e in error.errors())) from None
+        raise UserError("; ".join(error_line(e) for e in error.errors())) from None
 
 
 def set_by_path(data, dotted_key, value):

@@ -41,7 +41,7 @@ class FrameSource:
 def probe(frames_config):
     if frames_config.image_folder:
         return _probe_folder(Path(frames_config.image_folder))
-    return _probe_video(Path(frames_config.video_file))
+    return probe_video_file(Path(frames_config.video_file))
 
 
 def _probe_folder(folder):
@@ -67,7 +67,7 @@ def _open_video(path):
     return container
 
 
-def _probe_video(path):
+def probe_video_file(path):
     with _open_video(path) as container:
         stream = container.streams.video[0]
         try:

@@ -44,6 +44,18 @@ def write_config(path, config):
     return path
 
 
+@pytest.fixture(scope="session")
+def small_render(demo_assets, tmp_path_factory):
+    """The small config rendered once, uninterrupted: the reference the render and resume tests compare with.
+    Returns the folder holding `run/` (the run folder). Tests copy it before changing anything."""
+    folder = tmp_path_factory.mktemp("small_render")
+    config = write_config(folder / "config.yaml", small_config(demo_assets, folder / "run"))
+    result = run_cli("render", config, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("video.mp4")
+    return folder
+
+
 def run_cli(*args, env=None, timeout=600):
     """Run `python -m diffsynth ARGS` in a subprocess; returns CompletedProcess (text)."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))

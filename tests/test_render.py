@@ -18,13 +18,8 @@ from diffsynth.video import audio_duration
 
 
 @pytest.fixture(scope="module")
-def rendered(demo_assets, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("render")
-    config = write_config(folder / "config.yaml", small_config(demo_assets, folder / "run"))
-    result = run_cli("render", config, "--no-progress")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("video.mp4")
-    return folder
+def rendered(small_render):
+    return small_render
 
 
 def unit_times(run_dir):
@@ -75,17 +70,26 @@ def test_smoothing_tables_are_released_and_change_the_frames(rendered):
     assert smoothed[3] != (rendered / "run" / "cache" / "vae_decode" / "000003.safetensors").read_bytes()
 
 
-def test_prompt_change_reuses_everything_upstream_of_the_prompt(rendered, demo_assets, tmp_path):
+def rerender_changed(rendered, demo_assets, tmp_path, change):
+    """Copy the rendered run, render it again with `change(config)` applied; returns (reused, redone) stage names,
+    told apart by the manifest's finish times, and the new run folder."""
     run_dir = tmp_path / "run"
     shutil.copytree(rendered / "run", run_dir)
     before = unit_times(run_dir)
     config = small_config(demo_assets, run_dir)
-    config["pipeline"]["pipeline_inputs"]["prompt"] = "a toon dog"
+    change(config)
     result = run_cli("render", write_config(tmp_path / "c.yaml", config), "--no-progress")
     assert result.returncode == 0, result.stderr
     after = unit_times(run_dir)
     reused = {stage for (stage, key), t in after.items() if before.get((stage, key)) == t}
     redone = {stage for (stage, key), t in after.items() if before.get((stage, key)) != t}
+    return reused, redone, run_dir
+
+
+def test_prompt_change_reuses_everything_upstream_of_the_prompt(rendered, demo_assets, tmp_path):
+    def change(config):
+        config["pipeline"]["pipeline_inputs"]["prompt"] = "a toon dog"
+    reused, redone, run_dir = rerender_changed(rendered, demo_assets, tmp_path, change)
     assert reused == {"decode", "crop", "annotate.1.canny", "latents"}
     assert {"prompts", "vae_decode", "encode", "denoise.001.step"} <= redone
     assert not reused & redone
@@ -93,16 +97,21 @@ def test_prompt_change_reuses_everything_upstream_of_the_prompt(rendered, demo_a
 
 
 def test_crop_change_recomputes_everything_after_decode(rendered, demo_assets, tmp_path):
-    run_dir = tmp_path / "run"
-    shutil.copytree(rendered / "run", run_dir)
-    before = unit_times(run_dir)
-    config = small_config(demo_assets, run_dir)
-    config["data"]["input_frames"]["resize_mode"] = "fill"
-    result = run_cli("render", write_config(tmp_path / "c.yaml", config), "--no-progress")
-    assert result.returncode == 0, result.stderr
-    after = unit_times(run_dir)
-    reused = {stage for (stage, key), t in after.items() if before.get((stage, key)) == t}
+    def change(config):
+        config["data"]["input_frames"]["resize_mode"] = "fill"
+    reused, _, _ = rerender_changed(rendered, demo_assets, tmp_path, change)
     assert reused == {"decode", "prompts"}
+
+
+def test_smoother_change_reuses_the_diffusion(rendered, demo_assets, tmp_path):
+    """A FastBlend setting change recomputes from the first smoothing pass on (here in-loop at step 0). Step 0's
+    window ε was deleted once step 0 was done (ephemeral), so it is recomputed to get x0 again; everything before
+    the diffusion is reused."""
+    def change(config):
+        config["smoother_configs"][0]["config"]["guide_weight"] = 5.0
+    reused, redone, _ = rerender_changed(rendered, demo_assets, tmp_path, change)
+    assert reused == {"decode", "crop", "annotate.1.canny", "prompts", "latents"}
+    assert {"denoise.000.windows", "smooth.000.x0", "smooth.000.blend", "smooth.final", "encode"} <= redone
 
 
 def test_initial_noise_does_not_depend_on_the_frame_range(demo_assets, tmp_path):

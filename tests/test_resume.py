@@ -21,12 +21,8 @@ def outputs(run_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(demo_assets, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("reference")
-    config = write_config(folder / "config.yaml", small_config(demo_assets, folder / "run"))
-    result = run_cli("render", config, "--no-progress")
-    assert result.returncode == 0, result.stderr
-    return outputs(folder / "run")
+def reference(small_render):
+    return outputs(small_render / "run")
 
 
 def render_until_hang(config, hang_at, timeout=300):

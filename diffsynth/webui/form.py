@@ -16,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import PydanticUndefined
 
-from ..config import RenderConfig, Schema, _error_line, parse_config
+from ..config import RenderConfig, Schema, error_line, parse_config
 from ..errors import UserError
 from .paths import confine, run_folder
 
@@ -366,7 +366,7 @@ def validate(data, settings):
         RenderConfig.model_validate(absolute)
     except ValidationError as error:
         for item in error.errors():
-            errors.setdefault(dotted(item["loc"]), []).append(_error_line(item))
+            errors.setdefault(dotted(item["loc"]), []).append(error_line(item))
     if errors:
         return None, errors
     try:

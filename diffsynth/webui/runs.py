@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from ..cache import is_locked
 from ..demo import REPO_ROOT
 from ..errors import UserError
 from ..status import run_status
@@ -68,28 +69,13 @@ def _read_pid(path):
     return int(digits) if digits.isdigit() else None
 
 
-def _locked(run_dir):
-    """True while a render holds the run folder's lock (the same probe as RunCache.is_locked)."""
-    import fcntl
-    lock_path = Path(run_dir) / "lock"
-    if not lock_path.exists():
-        return False
-    with open(lock_path, "a+") as probe:
-        try:
-            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(probe, fcntl.LOCK_UN)
-        return False
-
-
 def render_pid(run_dir):
     """The pid of the render working in this run folder, or None: the lock holder, else the process the page
     launched while it is still starting up (before it takes the lock). A process that held the lock and let it go
     is only exiting: it no longer counts."""
     run_dir = Path(run_dir)
     lock_pid = _read_pid(run_dir / "lock")
-    if _locked(run_dir):
+    if is_locked(run_dir):
         return lock_pid
     launched = _read_pid(run_dir / PID_FILE)
     if launched and launched != lock_pid and _pid_alive(launched):
