@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import run_cli, small_config, write_config
+from helpers import run_cli, small_config, write_config
 from diffsynth.cli import main
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from diffsynth.config import RenderConfig, load_config, parse_config
 from diffsynth.errors import UserError
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli, small_config, write_config
+from helpers import REPO, run_cli, small_config, write_config
 
 
 def outputs(run_dir):
@@ -69,3 +69,33 @@ def test_killed_render_resumes_to_identical_bytes(demo_assets, reference, tmp_pa
         retired = db.execute("SELECT retired FROM stages WHERE name = ?", (stage_name,)).fetchone()[0]
         assert retired or (row and row[0] == finished < killed_at), f"{stage_name}/{key} was recomputed"
     assert not list((tmp_path / "run").rglob("*.tmp")), "leftover temporary files"
+
+
+def test_sigterm_stops_cleanly_with_exit_3_and_a_second_render_is_refused(demo_assets, small_render, tmp_path):
+    config = write_config(tmp_path / "config.yaml", small_config(demo_assets, tmp_path / "run"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "diffsynth", "render", str(config), "--no-progress"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        manifest = tmp_path / "run" / "manifest.sqlite"
+        deadline = time.time() + 300
+        while time.time() < deadline:  # wait until the render is inside a stage, holding the lock
+            if manifest.exists():
+                db = sqlite3.connect(manifest)
+                started = db.execute("SELECT COUNT(*) FROM units WHERE stage = 'crop'").fetchone()[0]
+                db.close()
+                if started:
+                    break
+            time.sleep(0.05)
+        second = run_cli("render", config, "--no-progress")
+        assert second.returncode == 2 and "in use" in second.stderr
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=300) == 3
+        assert "interrupted" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    status = run_cli("status", tmp_path / "run", "--json")
+    assert '"state": "interrupted"' in status.stdout
+    assert run_cli("render", config, "--no-progress").returncode == 0
+    assert outputs(tmp_path / "run") == outputs(small_render / "run")

@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 from diffsynth.demo import synthetic_frame, write_synthetic_clip
 from diffsynth.video import read_video_frames
 
