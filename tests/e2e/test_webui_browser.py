@@ -90,6 +90,26 @@ def server(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
+def fill_when_settled(page, label, value, attempts=30):
+    """Fill a field once the page has settled on one copy of it: while Streamlit reruns, the previous run's stale
+    copy of a widget can linger for a moment beside the new one, and a fill then hits two elements."""
+    from playwright.sync_api import Error
+    for _ in range(attempts):
+        wait_idle(page)
+        field = page.get_by_label(label, exact=True)
+        if field.count() == 1:
+            try:
+                field.fill(value, timeout=5_000)
+                field.press("Enter", timeout=5_000)
+                wait_idle(page)
+                if page.get_by_label(label, exact=True).input_value(timeout=5_000) == value:
+                    return
+            except Error:
+                pass
+        page.wait_for_timeout(500)
+    raise AssertionError(f"the field {label!r} never settled on the value {value!r}")
+
+
 def wait_idle(page, timeout=60):
     """Until the page's script run is over (Streamlit shows a "Running..." indicator meanwhile)."""
     deadline = time.time() + timeout
@@ -115,19 +135,8 @@ def test_render_the_demo_in_a_real_browser(chromium, server, tmp_path):
             page.get_by_role("button", name="Load the demo").click()
             wait_idle(page)
             expect(page.get_by_text("Loaded the demo config")).to_be_visible()
-            for label, value in SMALL.items():
-                field = page.get_by_label(label, exact=True)
-                expect(field).to_have_count(1)  # not the stale copy a rerun leaves for a moment
-                field.fill(value)
-                field.press("Enter")
-                wait_idle(page)
-                expect(field).to_have_value(value)
-            run_name = page.get_by_label("run name (its folder under the output root)", exact=True)
-            expect(run_name).to_have_count(1)
-            run_name.fill("browser-demo")
-            run_name.press("Enter")
-            wait_idle(page)
-            expect(run_name).to_have_value("browser-demo")
+            for label, value in [*SMALL.items(), ("run name (its folder under the output root)", "browser-demo")]:
+                fill_when_settled(page, label, value)
             page.wait_for_timeout(500)
             page.screenshot(path=str(ARTIFACTS / "webui-form.png"), full_page=True)
             page.get_by_role("button", name="Render", exact=True).click()
