@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/diffsynth status runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 webui: $(STAMP)
 	$(BIN)/streamlit run webui.py --server.address 127.0.0.1
