@@ -22,43 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffsynth.fastblend import FastBlendConfig, smooth_in_memory  # noqa: E402
+from diffsynth.fastblend.evaluation import flicker, flickering_scene, mean_abs_error  # noqa: E402
 
 MODES = ("balanced", "accurate", "fast", "interpolation")
-
-
-def flickering_scene(num_frames: int, size: int, seed: int = 0, width: int | None = None):
-    """Clean frames panning by (1, 1.5) px/frame over a smoothed-noise texture, and flickering style frames.
-    Frames are size×size, or size (height) × width."""
-    width = width or size
-    g = torch.Generator().manual_seed(seed)
-    extent = max(size, width) + 2 * num_frames + 8
-    noise = torch.rand(1, 3, extent, extent, generator=g) * 255
-    tex = ((F.avg_pool2d(noise, 5, 1, 2) - 128) * 3 + 128).clamp(0, 255)[0].permute(1, 2, 0)
-    clean, style = [], []
-    for i in range(num_frames):
-        y, x = i, (3 * i) // 2
-        frame = tex[y : y + size, x : x + width].contiguous()
-        gain = 0.75 + 0.5 * torch.rand(1, generator=g)
-        bias = (torch.rand(3, generator=g) - 0.5) * 50
-        jitter = torch.randn(frame.shape, generator=g) * 10
-        clean.append(frame)
-        style.append((frame * gain + bias + jitter).clamp(0, 255))
-    return clean, style
-
-
-def mean_abs_error(frames, clean) -> float:
-    return sum(float((f - c).abs().mean()) for f, c in zip(frames, clean)) / len(frames)
-
-
-def flicker(frames, clean) -> float:
-    residual = [f.cpu() - c for f, c in zip(frames, clean)]
-    return sum(float((b - a).abs().mean()) for a, b in zip(residual, residual[1:])) / (len(frames) - 1)
 
 
 def main() -> None:

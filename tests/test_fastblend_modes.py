@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from diffsynth.fastblend import FastBlendConfig, SmoothingPlan, smooth_in_memory
+from diffsynth.fastblend.evaluation import flicker, flickering_scene, mean_abs_error
 from diffsynth.fastblend.runner import DictTables, ListFrames
 
 
@@ -14,38 +14,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def flickering_scene(num_frames=12, size=64, seed=0):
-    """Clean frames of a smoothed-noise texture panning by (1, 1.5) px/frame (whole pixels: (1, 1) or (1, 2)),
-    and "style" frames = clean frames with per-frame gain in [0.75, 1.25], per-channel bias in [-25, 25] and
-    Gaussian noise (sigma 10): strong flicker."""
-    g = torch.Generator().manual_seed(seed)
-    extent = size + 2 * num_frames + 8
-    noise = torch.rand(1, 3, extent, extent, generator=g) * 255
-    tex = ((F.avg_pool2d(noise, 5, 1, 2) - 128) * 3 + 128).clamp(0, 255)[0].permute(1, 2, 0)
-    clean, style = [], []
-    for i in range(num_frames):
-        y, x = i, (3 * i) // 2
-        frame = tex[y : y + size, x : x + size].contiguous()
-        gain = 0.75 + 0.5 * torch.rand(1, generator=g)
-        bias = (torch.rand(3, generator=g) - 0.5) * 50
-        jitter = torch.randn(frame.shape, generator=g) * 10
-        clean.append(frame)
-        style.append((frame * gain + bias + jitter).clamp(0, 255))
-    return clean, style
-
-
-def mean_abs_error(frames, clean):
-    return sum(float((f - c).abs().mean()) for f, c in zip(frames, clean)) / len(frames)
-
-
-def flicker(frames, clean):
-    """Temporal instability: mean |(x[i+1] - clean[i+1]) - (x[i] - clean[i])| over consecutive frames, i.e. how
-    much the deviation from the clean video changes from one frame to the next. 0 for the clean video itself and
-    for any constant error; brightness jitter and noise make it large."""
-    residual = [f - c for f, c in zip(frames, clean)]
-    return sum(float((b - a).abs().mean()) for a, b in zip(residual, residual[1:])) / (len(frames) - 1)
 
 
 SMALL = dict(minimum_patch_size=3, num_iter=3, batch_size=8)
