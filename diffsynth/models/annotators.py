@@ -6,6 +6,7 @@ lllyasviel/Annotators collection, under their usual names, in `models.annotators
 """
 
 import functools
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,7 +84,11 @@ def _midas(path):
 
 def make_annotator(processor_id, folder=None, device="cpu"):
     """A function (image HWC uint8, detect resolution) → the annotation, HWC uint8 RGB of the image's own size."""
-    annotate = _make(processor_id, folder, device)
+    with warnings.catch_warnings():
+        # Importing any controlnet_aux module imports all of them: a screenful of deprecation and "mediapipe is
+        # not installed" warnings about annotators this renderer never uses.
+        warnings.simplefilter("ignore")
+        annotate = _make(processor_id, folder, device)
 
     def run(image, resolution):
         import cv2
