@@ -82,7 +82,8 @@ class PipelineInputs(Schema):
     num_inference_steps: int = Field(10, ge=1, le=1000)
     animatediff_batch_size: int = Field(16, ge=1, description="frames per sliding window")
     animatediff_stride: int = Field(8, ge=1, description="frames between window starts")
-    unet_batch_size: int = Field(1, ge=1, description="sliding windows sent through the UNet together")
+    unet_batch_size: int = Field(1, ge=1, description="frames per UNet forward without a motion module (with one, "
+                                                      "each window goes through whole)")
     controlnet_batch_size: int = Field(1, ge=1, description="frames per ControlNet forward (lower = less VRAM)")
     smoother_progress_ids: list[int] = Field(
         default_factory=list, description="denoising steps (0-based) whose x0 is smoothed; -1 = the final frames")

@@ -154,6 +154,14 @@ def resolve_device(device):
     return device
 
 
+def use_deterministic_cuda_kernels():
+    """A unit recomputed after a crash must give the same bits as the first time: no autotuned or atomics-based
+    cuDNN/cuBLAS kernels. (Not yet exercised on a real GPU.)"""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS first initialises
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def resolve_dtype(dtype, device):
     if dtype == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
@@ -225,6 +233,8 @@ class ModelStore:
                                          models_config.lora_alphas, models_config.textual_inversion_folder)
         self.device = resolve_device(models_config.device)
         self.dtype = resolve_dtype(models_config.torch_dtype, self.device)
+        if self.device.startswith("cuda"):
+            use_deterministic_cuda_kernels()
         self.offloader = Offloader(self.device, getattr(models_config, "vram_limit_level", 0))
 
     def identity(self, *components):
