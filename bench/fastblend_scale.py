@@ -7,7 +7,6 @@ grow with the video by nature and are reported separately. Writes bench/results/
 """
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile

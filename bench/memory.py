@@ -6,7 +6,6 @@ getrusage of that process alone. Writes bench/results/memory.json.
 
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile

@@ -1,7 +1,6 @@
 """The web UI's Streamlit-free logic: the form generated from the schema, path confinement, settings, progress."""
 
 import os
-import time
 from pathlib import Path
 
 import pytest
