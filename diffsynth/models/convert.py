@@ -160,9 +160,7 @@ def motion_config_from_keys(shapes):
 
 def motion_parts(path, checkpoint):
     from diffusers import MotionAdapter
-    from diffusers.loaders.single_file_utils import (
-        convert_animatediff_checkpoint_to_diffusers,
-    )
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
     checkpoint = {key.removeprefix("module."): value for key, value in checkpoint.items()}
     config = shipped_config("animatediff_motion_adapter")
     config.update(motion_config_from_keys({key: tuple(value.shape) for key, value in checkpoint.items()}))

@@ -8,13 +8,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    ControlNetModel,
-    DDIMScheduler,
-    MotionAdapter,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, MotionAdapter, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TINY_SEED = 20240131
