@@ -15,8 +15,16 @@ import torch
 
 from ..cache import tensors_to_bytes
 from ..errors import UserError
-from ..schedule import (LATENT_SCALE, alphas_cumprod, ddim_step, eps_from_x0, sliding_windows, tent_weight,
-                        timesteps, windows_containing)
+from ..schedule import (
+    LATENT_SCALE,
+    alphas_cumprod,
+    ddim_step,
+    eps_from_x0,
+    sliding_windows,
+    tent_weight,
+    timesteps,
+    windows_containing,
+)
 from .base import Stage, frame_index, frame_key
 from .latents import image_to_vae_input
 
