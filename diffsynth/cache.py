@@ -217,8 +217,9 @@ class RunCache:
         row = self.db.execute("SELECT retired FROM stages WHERE name = ?", (name,)).fetchone()
         return bool(row and row[0])
 
-    def stage_rows(self):
-        return self.db.execute("SELECT name, fingerprint, total, retired FROM stages ORDER BY position").fetchall()
+    def stage_names(self):
+        """The registered stages, in the order the runner walks them."""
+        return [name for (name,) in self.db.execute("SELECT name FROM stages ORDER BY position")]
 
     # --- units ----------------------------------------------------------------------------------------------------
     def done_keys(self, stage):
@@ -228,6 +229,11 @@ class RunCache:
 
     def count_done(self, stage):
         return self.db.execute("SELECT COUNT(*) FROM units WHERE stage = ?", (stage,)).fetchone()[0]
+
+    def progress(self, stage):
+        """(done, total, retired) of a registered stage; a retired stage is complete, its files deleted."""
+        total, retired = self.db.execute("SELECT total, retired FROM stages WHERE name = ?", (stage,)).fetchone()
+        return (total if retired else self.count_done(stage)), total, bool(retired)
 
     def write(self, stage, key, data, path=None, before_rename=None):
         """Store a unit's bytes atomically and record it. `path` (relative to the run folder) is for the final

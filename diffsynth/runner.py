@@ -143,5 +143,5 @@ def _retire_finished_inputs(stage, stages, cache):
 
 
 def _is_complete(stage, cache):
-    row = cache.db.execute("SELECT total, retired FROM stages WHERE name = ?", (stage.name,)).fetchone()
-    return bool(row[1]) or cache.count_done(stage.name) >= row[0]
+    done, total, _ = cache.progress(stage.name)
+    return done >= total

@@ -13,10 +13,10 @@ def run_status(run_dir):
     cache = RunCache(run_dir)
     try:
         stages = []
-        for name, _, total, retired in cache.stage_rows():
-            done = total if retired else cache.count_done(name)
+        for name in cache.stage_names():
+            done, total, retired = cache.progress(name)
             stages.append({"name": name, "done": done, "total": total, "complete": done >= total,
-                           "retired": bool(retired), "bytes": 0 if retired else cache.bytes_on_disk(name)})
+                           "retired": retired, "bytes": 0 if retired else cache.bytes_on_disk(name)})
         complete = bool(stages) and all(stage["complete"] for stage in stages)
         outcome = cache.get_value("outcome", {})
         if cache.is_locked():

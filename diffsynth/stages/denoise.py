@@ -64,8 +64,12 @@ class DenoiseWindowsStage(Stage):
                 "controlnet_batch_size": inputs.controlnet_batch_size, "unet_batch_size": inputs.unet_batch_size,
                 "models": self.ctx.models.identity("unet"), "dtype": str(self.ctx.models.dtype)}
 
+    @staticmethod
+    def window_key(j):
+        return f"w{j:05d}.safetensors"
+
     def unit_keys(self):
-        return [f"w{j:05d}.safetensors" for j in range(len(self.windows))]
+        return [self.window_key(j) for j in range(len(self.windows))]
 
     def _window_inputs(self, start, end):
         latents = torch.stack([self.read_tensors(self.latents, frame_key(i))["latent"]
@@ -77,7 +81,7 @@ class DenoiseWindowsStage(Stage):
 
     @torch.no_grad()
     def compute(self, key):
-        start, end = self.windows[int(key[1:6])]
+        start, end = self.windows[int(key[1:].split(".")[0])]
         models = self.ctx.models
         device, dtype = models.device, models.dtype
         inputs = self.ctx.config.pipeline.pipeline_inputs
@@ -147,6 +151,21 @@ def combine_window_eps(index, windows, read_window_eps):
     return total / weight_sum
 
 
+class CombinedEps:
+    """A step's per-frame ε, for a stage that reads `windows_stage`: each window's file is read once while the
+    consecutive frames that share it are computed (an LRU of the windows overlapping one frame)."""
+
+    def __init__(self, reader, windows_stage):
+        inputs = windows_stage.ctx.config.pipeline.pipeline_inputs
+        self.windows = windows_stage.windows
+        overlapping = math.ceil(inputs.animatediff_batch_size / inputs.animatediff_stride) + 1
+        self._window_eps = lru_cache(maxsize=overlapping)(
+            lambda j: reader.read_tensors(windows_stage, windows_stage.window_key(j))["eps"])
+
+    def __call__(self, index):
+        return combine_window_eps(index, self.windows, self._window_eps)
+
+
 class DenoiseStepStage(Stage):
     """One DDIM step per frame. With `smoothed` (in-loop smoothing at this step), x0 is replaced by the smoothed
     frames, VAE-encoded, and ε recomputed from it before the step."""
@@ -161,9 +180,7 @@ class DenoiseStepStage(Stage):
         steps, alpha_t, alpha_prev = denoising_schedule(ctx)
         self.alpha_t, self.alpha_prev = alpha_t[step_index], alpha_prev[step_index]
         self.ephemeral = step_index < len(steps) - 1  # the final latents are kept for the VAE decode
-        cache_size = math.ceil(ctx.config.pipeline.pipeline_inputs.animatediff_batch_size /
-                               ctx.config.pipeline.pipeline_inputs.animatediff_stride) + 1
-        self._window_eps = lru_cache(maxsize=cache_size)(self._read_window_eps)
+        self.eps = CombinedEps(self, windows_stage)
 
     def params(self):
         params = {"alpha_t": self.alpha_t, "alpha_prev": self.alpha_prev}
@@ -173,12 +190,6 @@ class DenoiseStepStage(Stage):
 
     def unit_keys(self):
         return self.latents.unit_keys()
-
-    def _read_window_eps(self, j):
-        return self.read_tensors(self.windows_stage, f"w{j:05d}.safetensors")["eps"]
-
-    def eps(self, index):
-        return combine_window_eps(index, self.windows_stage.windows, self._window_eps)
 
     def compute(self, key):
         index = frame_index(key)

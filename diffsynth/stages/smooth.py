@@ -12,7 +12,6 @@ on demand through a small LRU: RAM holds about one window of frames.
 
 from collections import OrderedDict
 from dataclasses import asdict
-from functools import lru_cache
 
 import torch
 
@@ -21,6 +20,7 @@ from ..fastblend import FastBlendConfig, SmoothingPlan
 from ..fastblend import frame_key as plan_frame_key
 from ..schedule import x0_from_eps
 from .base import Stage, frame_index, frame_key
+from .denoise import CombinedEps
 from .vae_decode import decode_latent
 
 PLAN_FRAME_PREFIX = plan_frame_key(0)[: -len("000000")]
@@ -133,8 +133,7 @@ class InLoopX0Stage(Stage):
         super().__init__(ctx, [latents, windows_stage])
         self.name = f"smooth.{step_index:03d}.x0"
         self.latents, self.windows_stage, self.alpha_t = latents, windows_stage, alpha_t
-        self._window_eps = lru_cache(maxsize=8)(
-            lambda j: self.read_tensors(self.windows_stage, f"w{j:05d}.safetensors")["eps"])
+        self.eps = CombinedEps(self, windows_stage)
 
     def params(self):
         return {"alpha_t": self.alpha_t, "models": self.ctx.models.identity("vae")}
@@ -143,9 +142,8 @@ class InLoopX0Stage(Stage):
         return self.latents.unit_keys()
 
     def compute(self, key):
-        from .denoise import combine_window_eps
         x_t = self.read_tensors(self.latents, key)["latent"]
-        eps = combine_window_eps(frame_index(key), self.windows_stage.windows, self._window_eps)
+        eps = self.eps(frame_index(key))
         return image_to_bytes(decode_latent(self.ctx.models.vae, x0_from_eps(x_t, eps, self.alpha_t))), None
 
 
