@@ -10,7 +10,7 @@ from .cache import RunCache, atomic_write
 from .config import RenderConfig, config_json
 from .errors import Interrupted, UserError
 from .models.loader import ModelStore
-from .runner import run_stages
+from .runner import StopFlag, run_stages
 from .stages.annotate import AnnotateStage
 from .stages.crop import CropStage
 from .stages.decode import DecodeStage
@@ -119,11 +119,12 @@ def render(config, progress=True):
         handler = log_to(run_dir / "render.log")
         try:
             atomic_write(run_dir / "config.json", config_json(config).encode())
-            ctx = RenderContext(config, cache, ModelStore(config.models))
-            stages = build_stages(ctx)
-            log.info("render of %s: %d stages", run_dir, len(stages))
-            cache.set_value("outcome", {"state": "running", "pid": os.getpid()})
-            run_stages(stages, cache, progress=progress)
+            with StopFlag() as stop:  # from here on, SIGINT/SIGTERM mean "stop cleanly" (exit code 3)
+                ctx = RenderContext(config, cache, ModelStore(config.models))
+                stages = build_stages(ctx)
+                log.info("render of %s: %d stages", run_dir, len(stages))
+                cache.set_value("outcome", {"state": "running", "pid": os.getpid()})
+                run_stages(stages, cache, progress=progress, stop=stop)
             cache.set_value("outcome", {"state": "complete"})
             log.info("render complete: %s", run_dir / VIDEO_KEY)
         except Interrupted as interruption:

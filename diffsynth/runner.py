@@ -64,8 +64,12 @@ def _test_hang_hook():
     return hook
 
 
-def run_stages(stages, cache, progress=True):
-    """Run every stage to completion (or until a stop is requested)."""
+def run_stages(stages, cache, progress=True, stop=None):
+    """Run every stage to completion (or until a stop is requested). `stop`: a StopFlag the caller installed
+    earlier (so a signal during its own start-up counts too); by default the runner installs one itself."""
+    if stop is None:
+        with StopFlag() as stop:
+            return run_stages(stages, cache, progress, stop)
     names = [stage.name for stage in stages]
     assert len(set(names)) == len(names), f"duplicate stage names in {names}"
     cache.forget_other_stages(set(names))
@@ -78,9 +82,10 @@ def run_stages(stages, cache, progress=True):
     if removed:
         log.info("removed %d leftover file(s) from an interrupted run", removed)
     hang_hook = _test_hang_hook()
-    with StopFlag() as stop:
-        while not _walk(stages, keys, cache, stop, progress, hang_hook):
-            pass
+    if stop.stop_requested:
+        raise Interrupted("stopped before the first unit; run the same command again to resume")
+    while not _walk(stages, keys, cache, stop, progress, hang_hook):
+        pass
 
 
 def _readers(stage, stages):
