@@ -58,6 +58,7 @@ def show_notices():
 def probe_video(path, mtime):
     """(frame count, fps, width, height) of a video, or an error message."""
     import av
+
     from diffsynth.video import probe_video_file
     try:
         source = probe_video_file(Path(path))
@@ -104,8 +105,13 @@ def load_config_file():
     except (UserError, OSError) as error:
         notify("error", f"Cannot load {choice}: {error}")
         return
+    show_loaded(data, problems, path)
+
+
+def show_loaded(data, problems, name):
+    """Put a loaded config into the form and say what was loaded and what in it did not validate."""
     set_form(data)
-    notify("success", f"Loaded {path}")
+    notify("success", f"Loaded {name}")
     for problem in problems:
         notify("warning", f"The loaded config: {problem}")
 
@@ -119,10 +125,7 @@ def load_uploaded_config():
     except UserError as error:
         notify("error", f"Cannot load {upload.name}: {error}")
         return
-    set_form(data)
-    notify("success", f"Loaded {upload.name}")
-    for problem in problems:
-        notify("warning", f"The loaded config: {problem}")
+    show_loaded(data, problems, upload.name)
 
 
 def load_demo():

@@ -1,5 +1,7 @@
-import pytest
+import types
 
+import pytest
+import torch
 from helpers import run_cli, small_config, write_config
 
 
@@ -19,6 +21,26 @@ def small_render(demo_assets, tmp_path_factory):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("video.mp4")
     return folder
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: on 2-core CI boxes torch's intra-op threads spin badly when other processes
+    compete for the cores (FastBlend's many small ops suffer most)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny model set as diffusers folders and as single files in the original layouts, per test module."""
+    from diffsynth.models.tiny import write_tiny_models, write_tiny_single_files
+    root = tmp_path_factory.mktemp("tiny_models")
+    folders = write_tiny_models(root / "folders")
+    files = write_tiny_single_files(root / "files", folders)
+    return types.SimpleNamespace(folders=folders, files=files, root=root)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -1,8 +1,8 @@
 """Bad input gets exit code 2 and one clear line naming the problem — no traceback."""
 
 import pytest
-
 from helpers import run_cli, small_config, write_config
+
 from diffsynth.cli import main
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import REPO
+
 from diffsynth.config import RenderConfig, load_config, parse_config
 from diffsynth.errors import UserError
 

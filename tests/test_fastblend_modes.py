@@ -7,13 +7,7 @@ from diffsynth.fastblend import FastBlendConfig, SmoothingPlan, smooth_in_memory
 from diffsynth.fastblend.evaluation import flicker, flickering_scene, mean_abs_error
 from diffsynth.fastblend.runner import DictTables, ListFrames
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = dict(minimum_patch_size=3, num_iter=3, batch_size=8)

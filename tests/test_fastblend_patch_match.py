@@ -14,14 +14,7 @@ from diffsynth.fastblend.patch_match import (
     warp,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2-core CI boxes: torch's intra-op threads spin badly when other processes compete for the cores.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def texture(size: int, seed: int = 0) -> torch.Tensor:

@@ -1,22 +1,12 @@
 """Textual inversion and LoRA files in their real layouts, through the ModelStore."""
 
-import types
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from diffsynth.models.loader import ModelStore
-from diffsynth.models.tiny import write_tiny_models, write_tiny_single_files
 from diffsynth.stages.prompts import encode_chunks, token_chunks
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_extras")
-    folders = write_tiny_models(root / "folders")
-    files = write_tiny_single_files(root / "files", folders)
-    return types.SimpleNamespace(folders=folders, files=files, root=root)
 
 
 def store(model_list, **extra):

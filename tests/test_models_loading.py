@@ -2,7 +2,6 @@
 SD1.5 .safetensors and .ckpt with EMA keys, AnimateDiff mm_*.ckpt, ControlNet v1.1 .pth), loaded through the same
 code as real files, must give the same outputs as the diffusers folders they were written from."""
 
-import types
 
 import pytest
 import torch
@@ -10,15 +9,6 @@ import torch
 from diffsynth.errors import UserError
 from diffsynth.models import loader
 from diffsynth.models.loader import BASE, CONTROLNET, MOTION, ModelStore, detect_kind
-from diffsynth.models.tiny import write_tiny_models, write_tiny_single_files
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_models")
-    folders = write_tiny_models(root / "folders")
-    files = write_tiny_single_files(root / "files", folders)
-    return types.SimpleNamespace(folders=folders, files=files, root=root)
 
 
 def models_config(model_list, controlnets=(), **extra):

@@ -7,8 +7,8 @@ import sqlite3
 import av
 import pytest
 import torch
-
 from helpers import run_cli, small_config, write_config
+
 from diffsynth.cache import RunCache, bytes_to_tensors
 from diffsynth.config import parse_config
 from diffsynth.models.loader import ModelStore

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, run_cli, small_config, write_config
 
 

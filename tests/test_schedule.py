@@ -1,7 +1,17 @@
 import torch
 
-from diffsynth.schedule import (add_noise, alphas_cumprod, ddim_step, eps_from_x0, frame_noise, sliding_windows,
-                                tent_weight, timesteps, windows_containing, x0_from_eps)
+from diffsynth.schedule import (
+    add_noise,
+    alphas_cumprod,
+    ddim_step,
+    eps_from_x0,
+    frame_noise,
+    sliding_windows,
+    tent_weight,
+    timesteps,
+    windows_containing,
+    x0_from_eps,
+)
 
 
 def test_timesteps_follow_the_reference_rule():

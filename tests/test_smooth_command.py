@@ -9,8 +9,8 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
-
 from helpers import REPO, run_cli
+
 from diffsynth.demo import synthetic_frame, write_synthetic_clip
 from diffsynth.video import read_video_frames
 
