@@ -4,6 +4,15 @@ A unit is done when its manifest row exists and its file matches the row (size a
 read). Nothing else counts as done: a file is written to a temporary name, fsynced, renamed into place and its
 folder fsynced *before* the row is committed, so a crash at any point leaves either a complete unit or a leftover
 that start-up removes.
+
+A done unit is in one of two states: *kept* (its file is on disk) or *released* (its file was deleted on purpose
+because nothing still to be computed reads it; the row stays, size -1, with its original finish time). Retiring an
+ephemeral stage releases all its units at once. A released unit is still done: it is recomputed only when a unit
+that still has to be produced reads it, and the runner works that out before it runs anything.
+
+The program deletes only what it can prove it created: before a unit's file is written, its path is recorded as a
+pending write; start-up deletes exactly the pending writes' files (a crash between rename and row) and the files
+of released rows (a crash between a release's row update and its unlink). Any other file is left alone.
 """
 
 import errno
@@ -34,6 +43,7 @@ CREATE TABLE IF NOT EXISTS units (
     stage TEXT NOT NULL, key TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL, checksum TEXT NOT NULL,
     finished REAL NOT NULL, PRIMARY KEY (stage, key));
 CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pending_writes (path TEXT PRIMARY KEY);
 """
 
 
@@ -42,6 +52,16 @@ class CorruptUnit(Exception):
 
     def __init__(self, stage, key, reason):
         super().__init__(f"cached unit {stage}/{key} is corrupt ({reason}); recomputing it")
+        self.stage, self.key = stage, key
+
+
+class ReleasedUnit(CorruptUnit):
+    """A read of a unit whose file was released on purpose. The runner recomputes every released unit that a unit
+    still to do declares it reads before running anything, so this means a stage read more than it declared."""
+
+    def __init__(self, stage, key):
+        Exception.__init__(self, f"unit {stage}/{key} was released but is read again (a read its stage did not "
+                                 "declare); recomputing it")
         self.stage, self.key = stage, key
 
 
@@ -132,6 +152,41 @@ def is_locked(run_dir):
         return False
 
 
+KILL_POINTS = ("before_rename", "before_commit", "retire", "release")
+
+
+def parse_kill_point(spec):
+    """Testing aid, DIFFSYNTH_TEST_HANG_AT=[point@]stage_prefix:n: the process prints 'HANGING …' and hangs at
+    `point` of the n-th unit of a stage whose name starts with stage_prefix, so that a test can SIGKILL it there.
+    Points: before_rename (default: temp file written and fsynced), before_commit (file renamed into place, row not
+    yet committed), retire (stage marked retired, files not yet deleted), release (row marked released, file not
+    yet deleted; n counts released units)."""
+    point, _, rest = spec.rpartition("@")
+    point = point or "before_rename"
+    prefix, _, count = rest.rpartition(":")
+    if point not in KILL_POINTS or not prefix or not count.isdigit() or int(count) < 1:
+        raise UserError(f"DIFFSYNTH_TEST_HANG_AT={spec!r} is not [point@]stage_prefix:n with n >= 1 and point one "
+                        f"of {', '.join(KILL_POINTS)}; it is a testing aid: unset it for a normal render")
+    return point, prefix, int(count)
+
+
+class KillPoint:
+    """Hangs the process at the configured test kill point (see parse_kill_point); does nothing when unset."""
+
+    def __init__(self, spec):
+        self.point, self.prefix, self.count = parse_kill_point(spec) if spec else (None, None, 0)
+        self.seen = 0
+
+    def __call__(self, point, stage, key):
+        if point != self.point or not stage.startswith(self.prefix):
+            return
+        self.seen += 1
+        if self.seen >= self.count:
+            print(f"HANGING at {point} in {stage}/{key}", flush=True)
+            while True:
+                time.sleep(1)
+
+
 class RunCache:
     """A run folder: config.json, manifest.sqlite, cache/<stage>/…, frames/, video.mp4, lock, render.log."""
 
@@ -143,6 +198,10 @@ class RunCache:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        # Manifests written before retiring released each row kept their sizes on retired stages.
+        self.db.execute("UPDATE units SET size = ? WHERE size != ? AND stage IN "
+                        "(SELECT name FROM stages WHERE retired = 1)", (RELEASED, RELEASED))
+        self.kill_point = KillPoint(os.environ.get("DIFFSYNTH_TEST_HANG_AT"))
 
     # --- locking ------------------------------------------------------------------------------------------------
     def lock(self):
@@ -202,15 +261,28 @@ class RunCache:
                 self.db.execute("DELETE FROM stages WHERE name = ?", (name,))
 
     def reset_stage(self, name):
-        for (path,) in self.db.execute("SELECT path FROM units WHERE stage = ?", (name,)).fetchall():
+        """Forget every unit of a stage (a stale fingerprint, a stage no longer planned) and delete its files."""
+        paths = [path for (path,) in self.db.execute("SELECT path FROM units WHERE stage = ? AND size != ?",
+                                                      (name, RELEASED))]
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM units WHERE stage = ?", (name,))
+            self.db.execute("UPDATE stages SET retired = 0 WHERE name = ?", (name,))
+        for path in paths:
             (self.run_dir / path).unlink(missing_ok=True)
-        self.db.execute("DELETE FROM units WHERE stage = ?", (name,))
-        self.db.execute("UPDATE stages SET retired = 0 WHERE name = ?", (name,))
 
     def retire_stage(self, name):
-        """Delete an ephemeral stage's files once everything that reads them is complete; it stays 'done'."""
-        self.db.execute("UPDATE stages SET retired = 1 WHERE name = ?", (name,))
-        for (path,) in self.db.execute("SELECT path FROM units WHERE stage = ?", (name,)).fetchall():
+        """Release every unit of an ephemeral stage once everything that reads it is complete. The stage and its
+        rows stay: it is done. Rows first, in one transaction, then the files (a crash in between leaves files of
+        released rows, which start-up deletes)."""
+        paths = [path for (path,) in self.db.execute("SELECT path FROM units WHERE stage = ? AND size != ?",
+                                                      (name, RELEASED))]
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("UPDATE stages SET retired = 1 WHERE name = ?", (name,))
+            self.db.execute("UPDATE units SET size = ? WHERE stage = ?", (RELEASED, name))
+        self.kill_point("retire", name, "")
+        for path in paths:
             (self.run_dir / path).unlink(missing_ok=True)
 
     def is_retired(self, name):
@@ -223,9 +295,12 @@ class RunCache:
 
     # --- units ----------------------------------------------------------------------------------------------------
     def done_keys(self, stage):
-        if self.is_retired(stage):
-            return None  # every unit done, files gone
+        """Every done unit of a stage, kept or released."""
         return {key for (key,) in self.db.execute("SELECT key FROM units WHERE stage = ?", (stage,))}
+
+    def released_keys(self, stage):
+        return {key for (key,) in self.db.execute("SELECT key FROM units WHERE stage = ? AND size = ?",
+                                                  (stage, RELEASED))}
 
     def count_done(self, stage):
         return self.db.execute("SELECT COUNT(*) FROM units WHERE stage = ?", (stage,)).fetchone()[0]
@@ -233,21 +308,27 @@ class RunCache:
     def progress(self, stage):
         """(done, total, retired) of a registered stage; a retired stage is complete, its files deleted."""
         total, retired = self.db.execute("SELECT total, retired FROM stages WHERE name = ?", (stage,)).fetchone()
-        return (total if retired else self.count_done(stage)), total, bool(retired)
+        return self.count_done(stage), total, bool(retired)
 
-    def write(self, stage, key, data, path=None, before_rename=None):
-        """Store a unit's bytes atomically and record it. `path` (relative to the run folder) is for the final
-        outputs that users open directly (frames/00000.png, video.mp4); other units live under cache/<stage>/."""
-        relative = Path(path) if path else self.unit_path(stage, key).relative_to(self.run_dir)
-        atomic_write(self.run_dir / relative, data, before_rename)
-        self.db.execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?, ?)",
-                        (stage, key, str(relative), len(data), checksum(data), time.time()))
-
-    def record_file(self, stage, key, path):
-        """Record a unit whose file the stage wrote itself with write_atomically (a video streamed to disk)."""
-        file = self.run_dir / path
-        self.db.execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?, ?)",
-                        (stage, key, str(path), file.stat().st_size, file_checksum(file), time.time()))
+    def write(self, stage, key, data, path=None):
+        """Store a unit atomically and record it. `data` is its bytes, or a function that writes the file at the
+        path it is given (a video streamed to disk). `path` (relative to the run folder) is for the final outputs
+        that users open directly (frames/00000.png, video.mp4); other units live under cache/<stage>/."""
+        relative = str(Path(path) if path else self.unit_path(stage, key).relative_to(self.run_dir))
+        file = self.run_dir / relative
+        self.db.execute("INSERT OR IGNORE INTO pending_writes VALUES (?)", (relative,))
+        write_to = data if callable(data) else (lambda tmp: Path(tmp).write_bytes(data))
+        write_atomically(file, write_to, before_rename=lambda: self.kill_point("before_rename", stage, key))
+        self.kill_point("before_commit", stage, key)
+        if callable(data):
+            size, digest = file.stat().st_size, file_checksum(file)
+        else:
+            size, digest = len(data), checksum(data)
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?, ?)",
+                            (stage, key, relative, size, digest, time.time()))
+            self.db.execute("DELETE FROM pending_writes WHERE path = ?", (relative,))
 
     def read(self, stage, key):
         row = self.db.execute("SELECT path, size, checksum FROM units WHERE stage = ? AND key = ?",
@@ -255,7 +336,7 @@ class RunCache:
         if row is None:
             raise CorruptUnit(stage, key, "not in the manifest")
         if row[1] == RELEASED:
-            raise CorruptUnit(stage, key, "released")
+            raise ReleasedUnit(stage, key)
         try:
             data = (self.run_dir / row[0]).read_bytes()
         except FileNotFoundError:
@@ -264,24 +345,47 @@ class RunCache:
             raise CorruptUnit(stage, key, "checksum mismatch")
         return data
 
-    def release_unit(self, stage, key):
-        """Delete a finished unit's file that nothing still to be computed needs; its row stays, marked released
-        (size -1), so it still counts as done. Reading it later raises CorruptUnit, and the runner recomputes it."""
-        row = self.db.execute("SELECT path FROM units WHERE stage = ? AND key = ?", (stage, key)).fetchone()
-        if row:
-            (self.run_dir / row[0]).unlink(missing_ok=True)
-            self.db.execute("UPDATE units SET size = -1 WHERE stage = ? AND key = ?", (stage, key))
+    def release_units(self, stage, keys):
+        """Delete the files of finished units that nothing still to be computed needs; their rows stay, marked
+        released (size -1), so they still count as done. Rows first, in one transaction, then the files."""
+        keys = list(keys)
+        if not keys:
+            return
+        marks = ",".join("?" * len(keys))
+        rows = self.db.execute(f"SELECT key, path FROM units WHERE stage = ? AND size != ? AND key IN ({marks})",
+                               (stage, RELEASED, *keys)).fetchall()
+        if not rows:
+            return
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany("UPDATE units SET size = ? WHERE stage = ? AND key = ?",
+                                [(RELEASED, stage, key) for key, _ in rows])
+        for key, path in rows:
+            self.kill_point("release", stage, key)
+            (self.run_dir / path).unlink(missing_ok=True)
+
+    def forget_units(self, stage, keys):
+        """Make units not done (to recompute them): delete their rows and any file they still have."""
+        keys = list(keys)
+        paths = []
+        with self.db:
+            self.db.execute("BEGIN")
+            for key in keys:
+                row = self.db.execute("SELECT path, size FROM units WHERE stage = ? AND key = ?",
+                                      (stage, key)).fetchone()
+                if row and row[1] != RELEASED:
+                    paths.append(row[0])
+                self.db.execute("DELETE FROM units WHERE stage = ? AND key = ?", (stage, key))
+            self.db.execute("UPDATE stages SET retired = 0 WHERE name = ?", (stage,))
+        for path in paths:
+            (self.run_dir / path).unlink(missing_ok=True)
 
     def forget_unit(self, stage, key):
-        row = self.db.execute("SELECT path FROM units WHERE stage = ? AND key = ?", (stage, key)).fetchone()
-        if row:
-            (self.run_dir / row[0]).unlink(missing_ok=True)
-        self.db.execute("DELETE FROM units WHERE stage = ? AND key = ?", (stage, key))
-        self.db.execute("UPDATE stages SET retired = 0 WHERE name = ?", (stage,))
+        self.forget_units(stage, [key])
 
     def verify_stage(self, stage, full=False):
-        """Forget units whose file is missing or has the wrong size (and, with `full`, the wrong checksum).
-        Returns the forgotten keys."""
+        """Forget kept units whose file is missing or has the wrong size (and, with `full`, the wrong checksum).
+        Released units have no file to check. Returns the forgotten keys."""
         bad = []
         rows = self.db.execute("SELECT key, path, size, checksum FROM units WHERE stage = ? AND size != ?",
                                (stage, RELEASED)).fetchall()
@@ -293,26 +397,46 @@ class RunCache:
                 ok = False
             if not ok:
                 bad.append(key)
-                self.forget_unit(stage, key)
+        if bad:
+            self.forget_units(stage, bad)
         return bad
 
     def remove_leftovers(self):
-        """Delete temporary files and files that no manifest row accounts for (a crash between rename and commit)."""
-        known = {path for (path,) in self.db.execute("SELECT path FROM units")}
+        """Finish what a crash interrupted, deleting only files this cache created: the files (and temp files) of
+        pending writes that never got their row, and the files of released rows that were not yet deleted.
+        Returns the number of files removed."""
         removed = 0
-        for folder in (self.run_dir / "cache", self.run_dir / "frames"):
-            if not folder.exists():
-                continue
-            for file in folder.rglob("*"):
-                if file.is_file() and str(file.relative_to(self.run_dir)) not in known:
+        pending = [path for (path,) in self.db.execute("SELECT path FROM pending_writes")]
+        known = {path for (path,) in self.db.execute("SELECT path FROM units WHERE size != ?", (RELEASED,))}
+        released = [path for (path,) in self.db.execute("SELECT path FROM units WHERE size = ?", (RELEASED,))]
+        for path in pending:
+            candidates = [path + TMP_SUFFIX] + ([] if path in known else [path])
+            for candidate in candidates:
+                file = self.run_dir / candidate
+                if file.is_file():
                     file.unlink()
                     removed += 1
-        for name in ("video.mp4", "video.mp4" + TMP_SUFFIX):
-            file = self.run_dir / name
-            if file.exists() and name not in known:
+        self.db.execute("DELETE FROM pending_writes")
+        for path in released:
+            if path in known:
+                continue  # the same path is a kept unit's file now (a stage that was reset and recomputed)
+            file = self.run_dir / path
+            if file.is_file():
                 file.unlink()
                 removed += 1
         return removed
+
+    def unknown_files(self):
+        """Files in the run folder's cache/ and frames/ that no row and no pending write accounts for: not ours to
+        delete, so they are only reported."""
+        known = {path for (path,) in self.db.execute("SELECT path FROM units")}
+        found = []
+        for folder in ("cache", "frames"):
+            root = self.run_dir / folder
+            if root.is_dir():
+                found += [str(file.relative_to(self.run_dir)) for file in root.rglob("*")
+                          if file.is_file() and str(file.relative_to(self.run_dir)) not in known]
+        return sorted(found)
 
     def bytes_on_disk(self, stage):
         return self.db.execute("SELECT COALESCE(SUM(size), 0) FROM units WHERE stage = ? AND size > 0",

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -124,9 +125,10 @@ def render(config, progress=True):
                 stages = build_stages(ctx)
                 log.info("render of %s: %d stages", run_dir, len(stages))
                 cache.set_value("outcome", {"state": "running", "pid": os.getpid()})
-                run_stages(stages, cache, progress=progress, stop=stop)
+                report = run_stages(stages, cache, progress=progress, stop=stop)
             cache.set_value("outcome", {"state": "complete"})
             log.info("render complete: %s", run_dir / VIDEO_KEY)
+            print(report.summary, file=sys.stderr, flush=True)
         except Interrupted as interruption:
             cache.set_value("outcome", {"state": "interrupted", "message": str(interruption)})
             log.warning("interrupted: %s", interruption)

@@ -2,15 +2,15 @@
 
 It knows no stage by name. Its rules:
 - a stage whose fingerprint changed starts over (the cache forgets it); stages no longer planned are dropped;
+- nothing done is recomputed unless a unit still to be computed reads it: before running anything, the released
+  units that the pending units read (each stage declares its reads, `Stage.reads`) are made not-done, and only they;
 - a unit whose cached file turns out corrupt when read is forgotten and the walk starts again from the top, so the
   stage that made it recomputes it;
-- an ephemeral stage's files are deleted once every stage that reads it is complete; if one of those readers later
-  needs it again (a corrupt unit downstream), the ephemeral stage is recomputed first;
+- an ephemeral stage's files are released once every stage that reads it is complete;
 - SIGINT/SIGTERM stop after the current unit (Interrupted, exit code 3).
 """
 
 import logging
-import os
 import signal
 import time
 
@@ -45,28 +45,10 @@ class StopFlag:
         log.warning("signal %s: stopping after the current unit", signal.Signals(signum).name)
 
 
-def _test_hang_hook():
-    """Testing aid: DIFFSYNTH_TEST_HANG_AT=stage_prefix:n makes the process hang after writing the temp file of that
-    stage's n-th unit (before rename and manifest row), so a test can SIGKILL it mid-write, deterministically."""
-    spec = os.environ.get("DIFFSYNTH_TEST_HANG_AT")
-    if not spec:
-        return None
-    prefix, count = spec.rsplit(":", 1)
-    seen = {"n": 0}
-
-    def hook(stage, key):
-        if stage.startswith(prefix):
-            seen["n"] += 1
-            if seen["n"] >= int(count):
-                print(f"HANGING in {stage}/{key}", flush=True)
-                while True:
-                    time.sleep(1)
-    return hook
-
-
 def run_stages(stages, cache, progress=True, stop=None):
     """Run every stage to completion (or until a stop is requested). `stop`: a StopFlag the caller installed
-    earlier (so a signal during its own start-up counts too); by default the runner installs one itself."""
+    earlier (so a signal during its own start-up counts too); by default the runner installs one itself.
+    Returns a RunReport: how many units were computed and how many were reused from the cache."""
     if stop is None:
         with StopFlag() as stop:
             return run_stages(stages, cache, progress, stop)
@@ -77,37 +59,105 @@ def run_stages(stages, cache, progress=True, stop=None):
     for position, stage in enumerate(stages):
         keys[stage.name] = stage.unit_keys()
         cache.open_stage(stage.name, stage.fingerprint, len(keys[stage.name]), position)
-        cache.verify_stage(stage.name, full=not _readers(stage, stages))
+        damaged = cache.verify_stage(stage.name, full=not _readers(stage, stages))
+        if damaged:
+            log.warning("stage %s: %d cached unit(s) missing or damaged on disk, recomputing them: %s",
+                        stage.name, len(damaged), ", ".join(damaged[:5]) + (" …" if len(damaged) > 5 else ""))
     removed = cache.remove_leftovers()
     if removed:
-        log.info("removed %d leftover file(s) from an interrupted run", removed)
-    hang_hook = _test_hang_hook()
+        log.info("removed %d leftover file(s) of an interrupted run", removed)
+    unknown = cache.unknown_files()
+    if unknown:
+        log.warning("%d file(s) in the run folder are not the render's (left alone): %s", len(unknown),
+                    ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else ""))
+    report = RunReport(stages, keys, cache)
+    report.announce(progress)
     if stop.stop_requested:
         raise Interrupted("stopped before the first unit; run the same command again to resume")
-    while not _walk(stages, keys, cache, stop, progress, hang_hook):
+    while not _walk(stages, keys, cache, stop, progress, report):
         pass
+    report.finish()
+    return report
+
+
+class RunReport:
+    """What a render reused from the cache and what it computed, per stage, for the log, the console and status."""
+
+    def __init__(self, stages, keys, cache):
+        self.cache = cache
+        self.total = {stage.name: len(keys[stage.name]) for stage in stages}
+        self.reused = {stage.name: len(keys[stage.name]) - len(_pending(stage, keys, cache)) for stage in stages}
+        self.computed = {stage.name: 0 for stage in stages}
+
+    @property
+    def units_computed(self):
+        return sum(self.computed.values())
+
+    @property
+    def units_reused(self):
+        return sum(self.reused.values())
+
+    def announce(self, progress):
+        """Say, before any work, which stages are reused whole from the cache and which are partly done."""
+        for name, total in self.total.items():
+            if self.reused[name] == total:
+                log.info("stage %s: all %d units reused from the cache", name, total)
+                if progress:
+                    tqdm.write(f"{name}: reused from the cache ({total} units)")
+            elif self.reused[name]:
+                log.info("stage %s: %d of %d units reused from the cache", name, self.reused[name], total)
+
+    def finish(self):
+        if self.units_computed == 0:
+            self.summary = f"everything was reused from the cache ({self.units_reused} units); nothing was computed"
+        else:
+            redone = [name for name, count in self.computed.items() if count]
+            self.summary = (f"{self.units_computed} unit(s) computed in {len(redone)} stage(s), "
+                            f"{self.units_reused} reused from the cache")
+        log.info(self.summary)
+        self.cache.set_value("last_render", {"computed": self.units_computed, "reused": self.units_reused,
+                                             "computed_by_stage": {k: v for k, v in self.computed.items() if v}})
+
+
+def _pending(stage, keys, cache):
+    done = cache.done_keys(stage.name)
+    return [key for key in keys[stage.name] if key not in done]
 
 
 def _readers(stage, stages):
     return [other for other in stages if stage in other.inputs]
 
 
-def _walk(stages, keys, cache, stop, progress, hang_hook):
-    """One pass over the stages; False when it must start again (a corrupt or retired input was found)."""
+def _recompute_released_inputs(stages, keys, cache):
+    """Make not-done again exactly the released units that a unit still to be computed reads (and, in turn, the
+    released units those read): the declared reads of each stage (`Stage.reads`) decide. Returns how many."""
+    by_name = {stage.name: stage for stage in stages}
+    released = {stage.name: cache.released_keys(stage.name) for stage in stages}
+    if not any(released.values()):
+        return 0
+    worklist = [(stage, key) for stage in stages for key in _pending(stage, keys, cache)]
+    forced = {}
+    while worklist:
+        stage, key = worklist.pop()
+        for upstream, upstream_key in stage.reads(key):
+            if upstream_key in released.get(upstream.name, ()):
+                released[upstream.name].discard(upstream_key)
+                forced.setdefault(upstream.name, []).append(upstream_key)
+                worklist.append((by_name[upstream.name], upstream_key))
+    for name, forced_keys in forced.items():
+        log.info("stage %s: recomputing %d released unit(s) that units still to do read", name, len(forced_keys))
+        cache.forget_units(name, forced_keys)
+    return sum(len(forced_keys) for forced_keys in forced.values())
+
+
+def _walk(stages, keys, cache, stop, progress, report):
+    """One pass over the stages; False when it must start again (a corrupt input was found)."""
+    _recompute_released_inputs(stages, keys, cache)
     for stage in stages:
-        done = cache.done_keys(stage.name)
-        if done is None:
-            continue  # retired: complete, files no longer needed
-        pending = [key for key in keys[stage.name] if key not in done]
+        pending = _pending(stage, keys, cache)
         if pending:
-            retired_inputs = [s for s in stage.inputs if cache.is_retired(s.name)]
-            if retired_inputs:
-                for upstream in retired_inputs:
-                    log.info("recomputing %s, needed again by %s", upstream.name, stage.name)
-                    cache.reset_stage(upstream.name)
-                return False
             try:
-                _run_stage(stage, pending, len(keys[stage.name]), cache, stop, progress, hang_hook)
+                _run_stage(stage, pending, len(keys[stage.name]), cache, stop, progress, report)
             except CorruptUnit as corrupt:
                 log.warning(str(corrupt))
                 cache.forget_unit(corrupt.stage, corrupt.key)
@@ -116,20 +166,17 @@ def _walk(stages, keys, cache, stop, progress, hang_hook):
     return True
 
 
-def _run_stage(stage, pending, total, cache, stop, progress, hang_hook):
+def _run_stage(stage, pending, total, cache, stop, progress, report):
     started = time.time()
     log.info("stage %s: %d of %d units to do", stage.name, len(pending), total)
-    bar = tqdm(total=total, initial=total - len(pending), desc=stage.name, unit="unit", disable=not progress,
+    reused = total - len(pending)
+    description = f"{stage.name} ({reused} reused)" if reused else stage.name
+    bar = tqdm(total=total, initial=reused, desc=description, unit="unit", disable=not progress,
                dynamic_ncols=True, leave=True)
     try:
         for key, data, path in stage.run(pending):
-            if data is None:  # the stage wrote the file at `path` itself, atomically
-                if hang_hook:
-                    hang_hook(stage.name, key)
-                cache.record_file(stage.name, key, path)
-            else:
-                before_rename = (lambda: hang_hook(stage.name, key)) if hang_hook else None
-                cache.write(stage.name, key, data, path, before_rename=before_rename)
+            cache.write(stage.name, key, data, path)
+            report.computed[stage.name] += 1
             bar.update(1)
             if stop.stop_requested:
                 raise Interrupted(f"stopped after {stage.name}/{key}; run the same command again to resume")

@@ -149,7 +149,9 @@ def encode_video(path, frames, fps, crf, width, height, audio=None, codec="libx2
         video = output.add_stream(codec, rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         if codec == "libx264":
-            video.options = {"crf": str(crf), "preset": "medium"}
+            # mbtree off: with it, this x264 build's assembly gives different bytes from one encode to the next
+            # for the same frames (seen in one process and across processes); identical bytes are a promise.
+            video.options = {"crf": str(crf), "preset": "medium", "x264-params": "mbtree=0"}
             video.thread_count = 1  # one thread: identical bytes whatever the machine's core count
         else:
             video.options = {"cq": str(crf)}

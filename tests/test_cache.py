@@ -68,19 +68,35 @@ def test_complete_run_is_not_recomputed(run):
 def test_torn_writes_do_not_count_as_done(run, tmp_path):
     _, reference = run()
     cache_dir = tmp_path / "run" / "cache"
-    # A crash after the temp file was written: the temp file is a leftover, the unit is not done.
+    db = sqlite3.connect(tmp_path / "run" / "manifest.sqlite")
+    # A crash after the temp file was written: the pending write's temp file is a leftover, the unit is not done.
+    db.execute("DELETE FROM units WHERE stage = 'middle' AND key = '002'")
+    db.execute("INSERT INTO pending_writes VALUES ('cache/middle/002')")
     (cache_dir / "middle" / "002.tmp").write_bytes(b"half")
     # A crash between rename and the manifest row: the row is missing, the file must not count.
-    db = sqlite3.connect(tmp_path / "run" / "manifest.sqlite")
     db.execute("DELETE FROM units WHERE stage = 'middle' AND key = '003'")
-    # A row whose file was truncated (a disk that lied about fsync): wrong size, not done.
+    db.execute("INSERT INTO pending_writes VALUES ('cache/middle/003')")
     db.commit()
     db.close()
+    # A row whose file was truncated (a disk that lied about fsync): wrong size, not done.
     (cache_dir / "last" / "004").write_bytes(b"1")
     calls, results = run()
-    assert sorted(calls) == [("last", "004"), ("middle", "003")]
+    assert sorted(calls) == [("last", "004"), ("middle", "002"), ("middle", "003")]
     assert not (cache_dir / "middle" / "002.tmp").exists()
     assert results == reference
+
+
+def test_files_the_cache_did_not_write_are_left_alone_and_reported(run, tmp_path, caplog):
+    run()
+    foreign = [tmp_path / "run" / "cache" / "middle" / "notes.txt", tmp_path / "run" / "frames" / "mine.png",
+               tmp_path / "run" / "cache" / "middle" / "009.tmp", tmp_path / "run" / "video.mp4"]
+    for file in foreign:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_bytes(b"the user's")
+    calls, _ = run()
+    assert calls == []
+    assert all(file.read_bytes() == b"the user's" for file in foreign)
+    assert "cache/middle/notes.txt" in caplog.text and "left alone" in caplog.text
 
 
 def test_corrupted_file_is_detected_on_read_and_recomputed(run, tmp_path):
@@ -113,15 +129,21 @@ def test_changed_parameters_recompute_exactly_the_downstream_stages(run):
     assert calls == []
 
 
-def test_ephemeral_stage_is_deleted_when_its_readers_are_done_and_rebuilt_when_needed(run, tmp_path):
+def test_ephemeral_stage_is_released_when_its_readers_are_done_and_only_what_is_needed_is_rebuilt(run, tmp_path):
     _, reference = run(ephemeral_middle=True)
     assert not list((tmp_path / "run" / "cache" / "middle").glob("*"))
-    # Lose a unit of the last stage: middle is needed again, so the runner recomputes it first.
+    db = sqlite3.connect(tmp_path / "run" / "manifest.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM units WHERE stage = 'middle' AND size = -1").fetchone()[0] == 5
+    db.close()
+    # A re-run computes nothing: the released units are done.
+    calls, _ = run(ephemeral_middle=True)
+    assert calls == []
+    # Lose a unit of the last stage: the middle unit it reads is needed again, and only that one.
     (tmp_path / "run" / "cache" / "last" / "002").write_bytes(b"x")
     calls, results = run(ephemeral_middle=True)
-    assert [c for c in calls if c[0] == "middle"] == [("middle", f"{i:03d}") for i in range(5)]
-    assert [c for c in calls if c[0] == "last"] == [("last", "002")]
+    assert calls == [("middle", "002"), ("last", "002")]
     assert results["last"] == reference["last"]
+    assert not list((tmp_path / "run" / "cache" / "middle").glob("*")), "the recomputed unit is released again"
 
 
 def test_second_process_cannot_take_the_lock(tmp_path):

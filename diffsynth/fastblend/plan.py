@@ -129,6 +129,19 @@ class SmoothingPlan:
             return [block.key for block in forward + backward if block.level >= 1]
         return [dependency.key for dependency in blk.table_dependencies(blk.parse_table_key(key))]
 
+    def needed_frames(self, key: str) -> list[int]:
+        """The frames (guide and style) a unit may read: its window for a target frame, its block for a table."""
+        if not key.startswith(FRAME_PREFIX):
+            block = blk.parse_table_key(key)
+            return list(range(block.first, block.last + 1))
+        t = parse_frame_key(key)
+        if self.config.inference_mode != "interpolation":
+            first, last = self._window(t)
+            return list(range(first, last + 1))
+        position = bisect.bisect_left(self.keyframes, t)
+        neighbours = self.keyframes[max(0, position - 1) : position + 1]
+        return sorted({t, *neighbours})
+
     def releasable_after(self, done_keys_prefix_len: int) -> list[str]:
         """Table keys that no unit at position >= done_keys_prefix_len needs any more (all of them, not only the
         newly releasable ones). The result for n is always a prefix of the result for n + 1, ordered by the

@@ -29,6 +29,12 @@ class Stage:
         """The per-frame results the next stage reads, in frame order (most stages: all their units)."""
         return self.unit_keys()
 
+    def reads(self, key):
+        """The input units unit `key` reads, as (input stage, key) pairs. The runner recomputes exactly these when
+        they were released and the unit still has to be computed; prefetching and planning rest on it too. The
+        default fits per-frame stages: the same key in every input. Stages that read otherwise override it."""
+        return [(stage, key) for stage in self.inputs]
+
     def compute(self, key):
         """The bytes of one unit (and, optionally, its path relative to the run folder) as (data, path)."""
         raise NotImplementedError

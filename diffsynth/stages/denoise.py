@@ -71,6 +71,12 @@ class DenoiseWindowsStage(Stage):
     def unit_keys(self):
         return [self.window_key(j) for j in range(len(self.windows))]
 
+    def reads(self, key):
+        start, end = self.windows[int(key[1:].split(".")[0])]
+        frames = [frame_key(i) for i in range(start, end)]
+        return ([(self.prompts, "embeddings.safetensors")] + [(self.latents, k) for k in frames]
+                + [(source, k) for source in self.control_sources for k in frames])
+
     def _window_inputs(self, start, end):
         latents = torch.stack([self.read_tensors(self.latents, frame_key(i))["latent"]
                                for i in range(start, end)])
@@ -157,13 +163,18 @@ class CombinedEps:
 
     def __init__(self, reader, windows_stage):
         inputs = windows_stage.ctx.config.pipeline.pipeline_inputs
-        self.windows = windows_stage.windows
+        self.windows, self.windows_stage = windows_stage.windows, windows_stage
         overlapping = math.ceil(inputs.animatediff_batch_size / inputs.animatediff_stride) + 1
         self._window_eps = lru_cache(maxsize=overlapping)(
             lambda j: reader.read_tensors(windows_stage, windows_stage.window_key(j))["eps"])
 
     def __call__(self, index):
         return combine_window_eps(index, self.windows, self._window_eps)
+
+    def reads(self, index):
+        """The window units frame `index`'s ε is combined from."""
+        return [(self.windows_stage, self.windows_stage.window_key(j))
+                for j in windows_containing(index, self.windows)]
 
 
 class DenoiseStepStage(Stage):
@@ -190,6 +201,11 @@ class DenoiseStepStage(Stage):
 
     def unit_keys(self):
         return self.latents.unit_keys()
+
+    def reads(self, key):
+        if self.smoothed is not None:  # ε comes from the smoothed x0, not from the windows
+            return [(self.latents, key), (self.smoothed, key)]
+        return [(self.latents, key)] + self.eps.reads(frame_index(key))
 
     def compute(self, key):
         index = frame_index(key)

@@ -3,7 +3,7 @@ the source's audio for the rendered range)."""
 
 from pathlib import Path
 
-from ..cache import bytes_to_image, image_to_png, write_atomically
+from ..cache import bytes_to_image, image_to_png
 from ..video import encode_video, encoder_name
 from .base import Stage, frame_index, frame_key
 
@@ -12,7 +12,7 @@ VIDEO_KEY = "video.mp4"
 
 class EncodeStage(Stage):
     name = "encode"
-    version = "2"  # 2: frames stored as raw uint8 safetensors instead of PNG
+    version = "3"  # 2: frames stored as raw uint8 safetensors instead of PNG; 3: x264 without mbtree (determinism)
 
     def __init__(self, ctx, final_frames, fps, audio, size, crf):
         super().__init__(ctx, [final_frames])
@@ -28,15 +28,19 @@ class EncodeStage(Stage):
     def unit_keys(self):
         return [f"frames/{frame_index(key):05d}.png" for key in self.final_frames.frame_keys()] + [VIDEO_KEY]
 
+    def reads(self, key):
+        if key == VIDEO_KEY:
+            return [(self.final_frames, k) for k in self.final_frames.frame_keys()]
+        return [(self.final_frames, frame_key(int(Path(key).stem)))]
+
     def compute(self, key):
         if key == VIDEO_KEY:
             return self._encode(), VIDEO_KEY
         return image_to_png(self.read_image(self.final_frames, frame_key(int(Path(key).stem)))), key
 
     def _encode(self):
-        """Stream the frames into the encoder (one frame in memory at a time), writing the video atomically in
-        place; the runner records it (data None = the file is already there)."""
+        """A function that streams the frames into the encoder (one frame in memory at a time) at the path the
+        cache gives it; the cache renames it into place and records it."""
         frames = (bytes_to_image(self.read_bytes(self.final_frames, key)) for key in self.final_frames.frame_keys())
-        write_atomically(self.ctx.cache.run_dir / VIDEO_KEY, lambda tmp: encode_video(
-            tmp, frames, self.fps, self.crf, self.width, self.height, audio=self.audio, codec=encoder_name()))
-        return None
+        return lambda tmp: encode_video(tmp, frames, self.fps, self.crf, self.width, self.height, audio=self.audio,
+                                        codec=encoder_name())

@@ -84,6 +84,7 @@ class SmoothStage(Stage):
         self.plan = SmoothingPlan(len(guide.unit_keys()), self.config, device=self.device)
         self._plan_keys = self.plan.unit_keys()
         self._position = {self._cache_key(key): i for i, key in enumerate(self._plan_keys)}
+        self._table_keys = [key for key in self._plan_keys if not key.startswith(PLAN_FRAME_PREFIX)]
 
     def params(self):
         return {"fastblend": asdict(self.config)}
@@ -100,6 +101,12 @@ class SmoothStage(Stage):
     def frame_keys(self):
         """The per-frame outputs (what the next stage reads), in frame order."""
         return [frame_key(i) for i in range(len(self.guide.unit_keys()))]
+
+    def reads(self, key):
+        plan_key = self._plan_keys[self._position[key]]
+        frames = [frame_key(i) for i in self.plan.needed_frames(plan_key)]
+        return ([(self.guide, k) for k in frames] + [(self.style, k) for k in frames]
+                + [(self, table_file(table)) for table in self.plan.needed_tables(plan_key)])
 
     def run(self, pending_keys):
         pending = sorted(pending_keys, key=self._position.__getitem__)
@@ -118,10 +125,11 @@ class SmoothStage(Stage):
                 data = image_to_bytes(result.round().clamp(0, 255).to(torch.uint8).cpu().numpy())
             yield key, data, None
             self._release(self.plan.newly_releasable(position + 1))
+        # Tables recomputed out of order (released ones a pending unit needed again) may have been skipped above.
+        self._release(self._table_keys)
 
     def _release(self, plan_table_keys):
-        for plan_key in plan_table_keys:
-            self.ctx.cache.release_unit(self.name, table_file(plan_key))
+        self.ctx.cache.release_units(self.name, [table_file(plan_key) for plan_key in plan_table_keys])
 
 
 class InLoopX0Stage(Stage):
@@ -140,6 +148,9 @@ class InLoopX0Stage(Stage):
 
     def unit_keys(self):
         return self.latents.unit_keys()
+
+    def reads(self, key):
+        return [(self.latents, key)] + self.eps.reads(frame_index(key))
 
     def compute(self, key):
         x_t = self.read_tensors(self.latents, key)["latent"]
