@@ -144,8 +144,8 @@ def is_locked(run_dir):
     if not lock_path.exists():
         return False
     with open(lock_path, "a+") as probe:
-        try:
-            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:  # shared: probes never block each other; a render taking the lock retries past a probe's moment
+            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
             return True
         fcntl.flock(probe, fcntl.LOCK_UN)
@@ -187,14 +187,34 @@ class KillPoint:
                 time.sleep(1)
 
 
+MANIFEST = "manifest.sqlite"
+
+
+def check_run_folder(run_dir):
+    """A render may use a folder that does not exist yet, an empty one, or a run folder (one with our manifest).
+    Anything else holds someone's files, which a render must never touch: refuse it (UserError)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output folder {run_dir} is a file, not a folder; set data.output_folder to a new or "
+                        "empty folder")
+    if run_dir.is_dir() and not (run_dir / MANIFEST).is_file():
+        entries = sorted(entry.name for entry in run_dir.iterdir())
+        if entries:
+            shown = ", ".join(entries[:3]) + (", …" if len(entries) > 3 else "")
+            raise UserError(f"output folder {run_dir} already holds files that are not a render's ({shown}); set "
+                            "data.output_folder to a new or empty folder (a render writes only into its own run "
+                            "folder)")
+
+
 class RunCache:
     """A run folder: config.json, manifest.sqlite, cache/<stage>/…, frames/, video.mp4, lock, render.log."""
 
     def __init__(self, run_dir):
         self.run_dir = Path(run_dir)
+        check_run_folder(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock_file = None
-        self.db = sqlite3.connect(self.run_dir / "manifest.sqlite", isolation_level=None, timeout=30)
+        self.db = sqlite3.connect(self.run_dir / MANIFEST, isolation_level=None, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
@@ -207,11 +227,7 @@ class RunCache:
     def lock(self):
         """Hold the run folder for this process; a second render on the same folder refuses to start."""
         self._lock_file = open(self.run_dir / "lock", "a+")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
+        if not self._try_lock(attempts=40):  # ~2 s: a status poll or the web UI probing holds it for microseconds
             self._lock_file.seek(0)
             holder = self._lock_file.read().strip() or "another process"
             raise UserError(f"run folder {self.run_dir} is in use by a render ({holder}); "
@@ -220,6 +236,17 @@ class RunCache:
         self._lock_file.truncate()
         self._lock_file.write(f"pid {os.getpid()}")
         self._lock_file.flush()
+
+    def _try_lock(self, attempts):
+        for attempt in range(attempts):
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError as error:
+                if error.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                time.sleep(0.05)
+        return False
 
     def is_locked(self):
         return is_locked(self.run_dir)

@@ -106,8 +106,13 @@ def cmd_status(args):
         return
     print(f"{report['run_dir']}: {report['state']}")
     for stage in report["stages"]:
+        state = ("complete (files released)" if stage["retired"] else "complete") if stage["complete"] else ""
         print(f"  {stage['name']:<28} {stage['done']:>6}/{stage['total']:<6} "
-              f"{stage['bytes'] / 1e6:>10.1f} MB  {'complete' if stage['complete'] else ''}")
+              f"{stage['bytes'] / 1e6:>10.1f} MB  {state}")
+    if report["units_left"]:
+        print(f"{report['units_left']} unit(s) left to compute; `diffsynth render` on its config continues")
+    else:
+        print("nothing left to compute: rendering the same config again reuses every unit")
 
 
 def cmd_models(args):

@@ -108,7 +108,8 @@ class FastBlendSettings(Schema):
     inference_mode: Literal["fast", "balanced", "accurate", "interpolation"] = Field(
         "fast", description="fast: dyadic tables; balanced/accurate: warp every frame in the window; "
                             "interpolation: only keyframe_ids are rendered")
-    window_size: int = Field(60, ge=0, description="frames on each side blended into each frame")
+    window_size: int = Field(60, ge=1, description="frames on each side blended into each frame (at least 1; to "
+                             "smooth nothing, leave it out of smoother_progress_ids)")
     batch_size: int = Field(8, ge=1, description="frame pairs matched at once")
     minimum_patch_size: int = Field(5, ge=1, description="smallest patch (odd)")
     num_iter: int = Field(5, ge=1, description="patch-match iterations per pyramid level")

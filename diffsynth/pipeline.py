@@ -2,6 +2,7 @@
 
 import logging
 import os
+import sqlite3
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
@@ -130,13 +131,16 @@ def render(config, progress=True):
             log.info("render complete: %s", run_dir / VIDEO_KEY)
             print(report.summary, file=sys.stderr, flush=True)
         except Interrupted as interruption:
-            cache.set_value("outcome", {"state": "interrupted", "message": str(interruption)})
+            record_outcome(cache, {"state": "interrupted", "message": str(interruption)})
             log.warning("interrupted: %s", interruption)
             raise
         except Exception as error:  # noqa: BLE001 - record why, then let the CLI report it
-            cache.set_value("outcome", {"state": "failed", "message": str(error).splitlines()[0] if str(error)
-                                        else type(error).__name__})
-            log.exception("render failed")
+            record_outcome(cache, {"state": "failed", "message": str(error).splitlines()[0] if str(error)
+                                   else type(error).__name__})
+            if isinstance(error, UserError):
+                log.error("render stopped: %s", error)
+            else:
+                log.exception("render failed")
             raise
         finally:
             logging.getLogger("diffsynth").removeHandler(handler)
@@ -144,6 +148,15 @@ def render(config, progress=True):
     finally:
         cache.close()
     return run_dir / VIDEO_KEY
+
+
+def record_outcome(cache, outcome):
+    """Best effort: on a full or read-only disk even this row cannot be committed, and the error being reported
+    matters more (status reads a render that recorded nothing after "running" as interrupted)."""
+    try:
+        cache.set_value("outcome", outcome)
+    except (sqlite3.Error, OSError) as error:
+        log.warning("could not record the render's outcome: %s", error)
 
 
 def log_to(path):

@@ -10,14 +10,18 @@ It knows no stage by name. Its rules:
 - SIGINT/SIGTERM stop after the current unit (Interrupted, exit code 3).
 """
 
+import errno
 import logging
+import os
 import signal
+import sqlite3
+import sys
 import time
 
 from tqdm import tqdm
 
 from .cache import CorruptUnit
-from .errors import Interrupted
+from .errors import Interrupted, UserError
 
 log = logging.getLogger("diffsynth")
 
@@ -103,7 +107,7 @@ class RunReport:
             if self.reused[name] == total:
                 log.info("stage %s: all %d units reused from the cache", name, total)
                 if progress:
-                    tqdm.write(f"{name}: reused from the cache ({total} units)")
+                    tqdm.write(f"{name}: reused from the cache ({total} units)", file=sys.stderr)
             elif self.reused[name]:
                 log.info("stage %s: %d of %d units reused from the cache", name, self.reused[name], total)
 
@@ -175,7 +179,10 @@ def _run_stage(stage, pending, total, cache, stop, progress, report):
                dynamic_ncols=True, leave=True)
     try:
         for key, data, path in stage.run(pending):
-            cache.write(stage.name, key, data, path)
+            try:
+                cache.write(stage.name, key, data, path)
+            except (OSError, sqlite3.OperationalError) as error:
+                raise _storage_error(error, cache, f"{stage.name}/{key}") from None
             report.computed[stage.name] += 1
             bar.update(1)
             if stop.stop_requested:
@@ -183,6 +190,19 @@ def _run_stage(stage, pending, total, cache, stop, progress, report):
     finally:
         bar.close()
     log.info("stage %s: done in %.1f s", stage.name, time.time() - started)
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+
+
+def _storage_error(error, cache, unit):
+    """A full or read-only disk is the user's to fix: one line, and the same command resumes (exit code 2)."""
+    full = isinstance(error, sqlite3.OperationalError) and ("full" in str(error) or "readonly" in str(error))
+    if getattr(error, "errno", None) in STORAGE_ERRNOS or full:
+        reason = os.strerror(error.errno) if getattr(error, "errno", None) else str(error)
+        return UserError(f"cannot write {unit} in {cache.run_dir}: {reason}; free space on that disk (or make it "
+                         "writable) and run the same command again: finished units are kept")
+    return error
 
 
 def _retire_finished_inputs(stage, stages, cache):

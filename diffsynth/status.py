@@ -26,6 +26,8 @@ def run_status(run_dir):
         else:  # a killed process recorded nothing after "running": that is an interruption too
             state = "failed" if outcome.get("state") == "failed" else "interrupted"
         return {"run_dir": str(run_dir), "state": state, "complete": complete, "stages": stages,
+                "units_left": sum(max(0, stage["total"] - stage["done"]) for stage in stages),
+                "last_render": cache.get_value("last_render"),
                 "message": outcome.get("message"), "video": str(run_dir / "video.mp4") if complete else None}
     finally:
         cache.close()

@@ -1,10 +1,14 @@
 """Helpers shared by the test modules (imported as `helpers`; conftest.py holds the fixtures)."""
 
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,3 +48,44 @@ def run_cli(*args, env=None, timeout=600):
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "diffsynth", *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=REPO)
+
+
+def outputs(run_dir):
+    run_dir = Path(run_dir)
+    frames = {p.name: p.read_bytes() for p in sorted((run_dir / "frames").glob("*.png"))}
+    return frames, (run_dir / "video.mp4").read_bytes()
+
+
+def render_until_hang(config, hang_at, timeout=300):
+    """Start a render that hangs mid-write at `hang_at`, then SIGKILL it. Returns the time of the kill."""
+    env = dict(os.environ, DIFFSYNTH_TEST_HANG_AT=hang_at, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "diffsynth", "render", str(config), "--no-progress"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
+    deadline = time.time() + timeout
+    try:
+        for line in process.stdout:
+            if line.startswith("HANGING"):
+                break
+            assert time.time() < deadline, "render never reached the kill point"
+        else:
+            pytest.fail(f"render ended (exit {process.wait()}) before reaching {hang_at}")
+        killed_at = time.time()
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+        return killed_at
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def committed_units(run_dir):
+    """{(stage, key): finish time} of every committed unit, kept or released."""
+    db = sqlite3.connect(run_dir / "manifest.sqlite")
+    rows = db.execute("SELECT stage, key, finished FROM units").fetchall()
+    db.close()
+    return {(stage, key): finished for stage, key, finished in rows}
+
+
+def recomputed(before, after):
+    """Units committed in `before` whose row is gone or was written again in `after`."""
+    return sorted(unit for unit, finished in before.items() if after.get(unit) != finished)

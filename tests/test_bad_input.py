@@ -108,3 +108,40 @@ def test_set_override_and_its_errors(demo_assets, tmp_path, capsys):
     assert "pipeline.pipeline_inputs.cfg_scale" in capsys.readouterr().err
     assert main(["render", str(config), "--set", "pipeline.sead=3"]) == 2
     assert "did you mean 'seed'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("holder", ["input video's folder", "folder with frames/ and video.mp4", "a file"])
+def test_an_output_folder_holding_someone_elses_files_is_refused_and_left_untouched(demo_assets, tmp_path, capsys,
+                                                                                     holder):
+    """The render deletes only what it made: a non-empty folder that is not a run folder is refused, byte for byte
+    untouched, before anything is written; a file named as the output folder too."""
+    import shutil
+    target = tmp_path / "user"
+    target.mkdir()
+    config = small_config(demo_assets, target)
+    if holder == "input video's folder":
+        shutil.copy(demo_assets / "clip.mp4", target / "clip.mp4")
+        config["data"]["input_frames"]["video_file"] = str(target / "clip.mp4")
+    elif holder == "a file":
+        target.rmdir()
+        target.write_bytes(b"my notes")
+    else:
+        (target / "frames").mkdir()
+        (target / "frames" / "00000.png").write_bytes(b"my drawing")
+        (target / "cache").mkdir()
+        (target / "video.mp4").write_bytes(b"my film")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "config.yaml"}
+    code, err = render_exit(capsys, tmp_path, config)
+    assert code == 2 and len(err.splitlines()) == 1 and "output folder" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "config.yaml"} == before
+
+
+def test_malformed_test_hang_variable_and_window_size_zero_are_one_line_errors(demo_assets, tmp_path):
+    config = write_config(tmp_path / "config.yaml", small_config(demo_assets, tmp_path / "run"))
+    for spec in ("decode", "decode:x", "nowhere@decode:1", "decode:0"):
+        result = run_cli("render", config, "--no-progress", env={"DIFFSYNTH_TEST_HANG_AT": spec})
+        assert result.returncode == 2, (spec, result.stderr)
+        assert result.stderr.strip().startswith("error: DIFFSYNTH_TEST_HANG_AT") and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    result = run_cli("render", config, "--no-progress", "--set", "smoother_configs.0.config.window_size=0")
+    assert result.returncode == 2 and "window_size" in result.stderr and "Traceback" not in result.stderr

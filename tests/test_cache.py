@@ -158,3 +158,42 @@ def test_second_process_cannot_take_the_lock(tmp_path):
     assert not second.is_locked()
     second.lock()
     second.close()
+
+
+def test_a_status_probe_does_not_make_a_starting_render_fail(tmp_path):
+    """is_locked() probes while a render takes the lock: the render must still get it (the probe only looks)."""
+    import fcntl
+    import threading
+    cache = RunCache(tmp_path)
+    probe = open(tmp_path / "lock", "a+")
+    fcntl.flock(probe, fcntl.LOCK_SH)  # a probe caught in the middle of looking
+    threading.Timer(0.3, lambda: fcntl.flock(probe, fcntl.LOCK_UN)).start()
+    cache.lock()
+    assert cache.is_locked()
+    cache.close()
+    probe.close()
+
+
+def test_a_full_disk_stops_with_one_line_and_the_same_command_finishes(run, tmp_path, monkeypatch):
+    """ENOSPC at a unit write: a UserError naming the unit and what to do; the units already written are kept,
+    and once space is back the run finishes computing only what was missing."""
+    import errno
+
+    import diffsynth.cache as cache_module
+    from diffsynth.errors import UserError
+    real_write = cache_module.write_atomically
+    written = []
+
+    def filling_disk(path, write_to, before_rename=None):
+        if len(written) == 7:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        return real_write(path, write_to, before_rename)
+    monkeypatch.setattr(cache_module, "write_atomically", filling_disk)
+    with pytest.raises(UserError, match="No space left on device.*run the same command again"):
+        run()
+    monkeypatch.setattr(cache_module, "write_atomically", real_write)
+    calls, results = run()
+    assert len(calls) == 15 - 7
+    assert results["last"] == [str(i + 100 + i + 10 + i).encode() for i in range(5)]
+    assert not list((tmp_path / "run").rglob("*.tmp"))

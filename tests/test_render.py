@@ -128,3 +128,29 @@ def test_initial_noise_does_not_depend_on_the_frame_range(demo_assets, tmp_path)
         latents[start] = bytes_to_tensors(cache.read("latents", f"{8 - start:06d}.safetensors"))["latent"]
         cache.close()
     assert torch.equal(latents[0], latents[6])
+
+
+def test_crf_change_on_a_complete_run_recomputes_only_the_encode(rendered, demo_assets, tmp_path):
+    def change(config):
+        config["data"]["crf"] = 30
+    reused, redone, run_dir = rerender_changed(rendered, demo_assets, tmp_path, change)
+    assert redone == {"encode"}
+    assert "smooth.000.blend" in reused and "smooth.final" in reused and "denoise.001.step" in reused
+    assert (run_dir / "video.mp4").read_bytes() != (rendered / "run" / "video.mp4").read_bytes()
+
+
+def test_final_smoothing_off_and_on_again_reuses_the_diffusion(rendered, demo_assets, tmp_path):
+    def final_off(config):
+        config["pipeline"]["pipeline_inputs"]["smoother_progress_ids"] = [0]
+    reused, redone, run_dir = rerender_changed(rendered, demo_assets, tmp_path, final_off)
+    assert redone == {"encode"}
+    assert {"smooth.000.blend", "denoise.001.step", "vae_decode"} <= reused
+    assert "smooth.final" not in {stage for stage, _ in unit_times(run_dir)}
+
+    before = unit_times(run_dir)
+    config = small_config(demo_assets, run_dir)  # final smoothing back on
+    result = run_cli("render", write_config(tmp_path / "again.yaml", config), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    redone = {stage for (stage, key), t in unit_times(run_dir).items() if before.get((stage, key)) != t}
+    assert redone == {"smooth.final", "encode"}
+    assert (run_dir / "video.mp4").read_bytes() == (rendered / "run" / "video.mp4").read_bytes()

@@ -151,3 +151,25 @@ def test_runs_list_and_progress_of_a_folder_without_a_render(settings):
     assert runs[0]["state"] == "failed"
     assert "bad config value" in runs[0]["message"]
     assert R.format_seconds(3725) == "1h 02m"
+
+
+def test_resume_launches_exactly_the_config_it_checked(settings, tmp_path, monkeypatch):
+    """A run folder renamed (or a config.json edited to point elsewhere): Resume renders into the run folder itself,
+    and a path outside the allowed folders in the stored config is refused before anything is launched."""
+    launched = []
+    monkeypatch.setattr(R, "launch", lambda run_dir, config_path, extra_env=None: launched.append(config_path))
+    run = settings.output / "renamed"
+    run.mkdir()
+    (run / "manifest.sqlite").write_bytes(b"")
+    (settings.videos[0] / "clip.mp4").write_bytes(b"x")
+    stored = {"data": {"input_frames": {"video_file": str(settings.videos[0] / "clip.mp4")},
+                       "output_folder": str(tmp_path / "old-name-or-anywhere")}}
+    (run / R.RESOLVED_CONFIG).write_text(yaml.safe_dump(stored))
+    R.resume(run, settings)
+    assert yaml.safe_load(Path(launched[0]).read_text())["data"]["output_folder"] == str(run)
+
+    stored["data"]["input_frames"]["video_file"] = "/etc/passwd"
+    (run / R.RESOLVED_CONFIG).write_text(yaml.safe_dump(stored))
+    with pytest.raises(UserError, match="outside"):
+        R.resume(run, settings)
+    assert len(launched) == 1

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from ..cache import is_locked
+from ..cache import RunCache, is_locked
 from ..demo import REPO_ROOT
 from ..errors import UserError
 from ..status import run_status
@@ -86,7 +86,7 @@ def render_pid(run_dir):
 def save_run_config(config, run_dir):
     """Write the validated config into the run folder (absolute paths) before launching; returns its path."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    RunCache(run_dir).close()  # claims the folder as a run folder (refused if it holds someone else's files)
     data = config.model_dump() if hasattr(config, "model_dump") else config
     path = run_dir / CONFIG_NAME
     tmp = path.with_name(path.name + ".tmp")
@@ -135,13 +135,15 @@ def resume(run_dir, settings, extra_env=None):
     if problems:
         key, message = next(iter(problems.items()))
         raise UserError(f"cannot resume {run_dir.name}: {key}: {message}")
-    return launch(run_dir, config_path, extra_env)
+    # Launch exactly what was checked: the run folder's config with output_folder made this folder (a renamed run
+    # folder renders into itself), written beside it, not the stored file, which may point elsewhere.
+    return launch(run_dir, save_run_config(data, run_dir), extra_env)
 
 
 def cancel(run_dir):
     """Ask the render to stop after its current unit (SIGTERM; the run stays resumable). False if none runs."""
     pid = render_pid(run_dir)
-    if not pid:
+    if not pid or not _pid_alive(pid):  # only a process confirmed to be a diffsynth render is signalled
         return False
     try:
         os.kill(pid, signal.SIGTERM)
