@@ -139,8 +139,12 @@ def load_demo():
 
 def save_config_file():
     name = (ss.get("save_name") or "").strip()
-    data = F.with_output_folder(F.data_from_state(ss), settings)
+    data, problems = F.confine_paths(F.data_from_state(ss), settings)
+    data = F.with_output_folder(data, settings)
     try:
+        if problems:
+            key, message = next(iter(problems.items()))
+            raise UserError(f"{key}: {message}")
         if not name.endswith((".yaml", ".yml")):
             raise UserError("the file name must end with .yaml or .yml")
         path = confine(name, settings, "configs", base=settings.configs[0])

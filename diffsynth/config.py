@@ -19,16 +19,28 @@ class Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def path_field(default=..., *, kind, description):
+    """A field that names a file or folder. `kind` (models, videos, output) is the web UI's allowed folder for it;
+    `resolve_paths` and the web UI's confinement find every such field by walking the schema."""
+    return Field(default, description=description, json_schema_extra={"path_kind": kind})
+
+
+def path_kind(field_info):
+    extra = field_info.json_schema_extra
+    return extra.get("path_kind") if isinstance(extra, dict) else None
+
+
 class ControlNetUnit(Schema):
     processor_id: Literal[PROCESSOR_IDS] = Field(description="annotator that turns frames into this ControlNet's input")
-    model_path: str = Field(description="ControlNet model file or folder")
+    model_path: str = path_field(kind="models", description="ControlNet model file or folder")
     scale: float = Field(1.0, ge=0.0, le=4.0, description="weight of this ControlNet's residuals")
 
 
 class ModelsConfig(Schema):
-    model_list: list[str] = Field(description="base model and motion module files, in any order")
+    model_list: list[str] = path_field(kind="models", description="base model and motion module files, in any order")
     controlnet_units: list[ControlNetUnit] = Field(default_factory=list)
-    textual_inversion_folder: str | None = Field(None, description="folder of textual-inversion embeddings")
+    textual_inversion_folder: str | None = path_field(None, kind="models",
+                                                      description="folder of textual-inversion embeddings")
     lora_alphas: list[float] = Field(default_factory=list, description="one weight per LoRA file in model_list")
     device: str = Field("auto", description='"auto" (cuda when available), "cpu", "cuda", "cuda:1", …')
     torch_dtype: Literal["auto", "float16", "float32", "bfloat16"] = Field(
@@ -36,15 +48,15 @@ class ModelsConfig(Schema):
     vram_limit_level: int = Field(
         0, ge=0, le=2, description="0: all models on the GPU; 1: only the running stage's models (idle ones wait on "
                                    "the CPU); 2: only the running model")
-    annotators_folder: str | None = Field(
-        None, description="folder of annotator weights (sk_model.pth, ControlNetHED.pth, …; lllyasviel/Annotators)")
-    tokenizer_folder: str | None = Field(
-        None, description="CLIP tokenizer folder for a single-file base model (default: SD1.5's, shipped)")
+    annotators_folder: str | None = path_field(
+        None, kind="models", description="folder of annotator weights (sk_model.pth, ControlNetHED.pth, …; lllyasviel/Annotators)")
+    tokenizer_folder: str | None = path_field(
+        None, kind="models", description="CLIP tokenizer folder for a single-file base model (default: SD1.5's, shipped)")
 
 
 class FramesConfig(Schema):
-    video_file: str | None = Field(None, description="source video (any format FFmpeg reads)")
-    image_folder: str | None = Field(None, description="or a folder of images, sorted by name")
+    video_file: str | None = path_field(None, kind="videos", description="source video (any format FFmpeg reads)")
+    image_folder: str | None = path_field(None, kind="videos", description="or a folder of images, sorted by name")
     height: int = Field(512, gt=0, description="output height in pixels, a multiple of 8")
     width: int = Field(512, gt=0, description="output width in pixels, a multiple of 8")
     start_frame_id: int = Field(0, ge=0, description="first source frame to render")
@@ -68,7 +80,7 @@ class DataConfig(Schema):
     input_frames: FramesConfig
     controlnet_frames: list[FramesConfig] | None = Field(
         None, description="one per ControlNet unit (default: the input frames)")
-    output_folder: str = Field(description="the run folder: cache, manifest, frames/ and video.mp4")
+    output_folder: str = path_field(kind="output", description="the run folder: cache, manifest, frames/ and video.mp4")
     fps: float | None = Field(None, gt=0, description="output frame rate (default: the source's)")
     crf: int = Field(17, ge=0, le=51, description="H.264 quality (lower is better, 17 is visually lossless)")
 
@@ -149,6 +161,12 @@ class RenderConfig(Schema):
         if self.data.controlnet_frames is not None and len(self.data.controlnet_frames) != len(units):
             raise ValueError(f"data.controlnet_frames has {len(self.data.controlnet_frames)} entries "
                              f"for {len(units)} controlnet units")
+        size = (self.data.input_frames.width, self.data.input_frames.height)
+        for index, frames in enumerate(self.data.controlnet_frames or []):
+            if (frames.width, frames.height) != size:
+                raise ValueError(f"data.controlnet_frames.{index} is {frames.width}x{frames.height} but "
+                                 f"data.input_frames is {size[0]}x{size[1]}; give every controlnet_frames entry the "
+                                 "input's width and height (ControlNet maps must match the frames)")
         return self
 
     def fastblend_settings(self):
@@ -241,24 +259,34 @@ def load_config(path, overrides=()):
     return resolve_paths(parse_config(data), path.parent)
 
 
+def map_paths(data, function, model=None, prefix=()):
+    """Replace every path-typed value in a config dict (fields made with `path_field`, found by walking the schema)
+    by `function(value, kind, dotted_path)`; list fields item by item. Values of the wrong type are left alone."""
+    model = model or RenderConfig
+    if not isinstance(data, dict):
+        return data
+    for name, info in model.model_fields.items():
+        if name not in data:
+            continue
+        value, path = data[name], prefix + (name,)
+        nested, kind = _schema_class(info.annotation), path_kind(info)
+        if nested is not None:
+            for index, item in enumerate(value if isinstance(value, list) else [value]):
+                map_paths(item, function, nested, path + ((index,) if isinstance(value, list) else ()))
+        elif kind and isinstance(value, list):
+            data[name] = [function(item, kind, ".".join(map(str, path + (index,)))) if isinstance(item, str)
+                          else item for index, item in enumerate(value)]
+        elif kind and isinstance(value, str):
+            data[name] = function(value, kind, ".".join(map(str, path)))
+    return data
+
+
 def resolve_paths(config, base_folder):
     """Make every file path in the config absolute, relative to `base_folder`."""
-    def absolute(value):
-        return None if value is None else str((Path(base_folder) / Path(value).expanduser()).resolve())
+    def absolute(value, kind, key):
+        return str((Path(base_folder) / Path(value).expanduser()).resolve())
 
-    data = config.model_dump()
-    data["models"]["model_list"] = [absolute(p) for p in data["models"]["model_list"]]
-    data["models"]["textual_inversion_folder"] = absolute(data["models"]["textual_inversion_folder"])
-    data["models"]["annotators_folder"] = absolute(data["models"]["annotators_folder"])
-    data["models"]["tokenizer_folder"] = absolute(data["models"]["tokenizer_folder"])
-    for unit in data["models"]["controlnet_units"]:
-        unit["model_path"] = absolute(unit["model_path"])
-    frame_specs = [data["data"]["input_frames"]] + (data["data"]["controlnet_frames"] or [])
-    for spec in frame_specs:
-        spec["video_file"] = absolute(spec["video_file"])
-        spec["image_folder"] = absolute(spec["image_folder"])
-    data["data"]["output_folder"] = absolute(data["data"]["output_folder"])
-    return RenderConfig.model_validate(data)
+    return RenderConfig.model_validate(map_paths(config.model_dump(), absolute))
 
 
 def config_json(config):

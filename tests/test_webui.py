@@ -173,3 +173,48 @@ def test_resume_launches_exactly_the_config_it_checked(settings, tmp_path, monke
     with pytest.raises(UserError, match="outside"):
         R.resume(run, settings)
     assert len(launched) == 1
+
+
+def test_every_path_field_of_the_schema_is_confined_as_the_render_resolves_it(settings, tmp_path):
+    """Path fields are found by walking the schema: a field named like a path that is not marked would escape
+    confinement. Relative paths from the form are taken in their kind's folder and saved absolute, so the render
+    reads exactly the checked file; from a stored config, relative to that config's folder, as the render does."""
+    from diffsynth.config import _schema_class, path_kind
+
+    def unmarked(model, prefix=""):
+        for name, info in model.model_fields.items():
+            nested = _schema_class(info.annotation)
+            if nested:
+                yield from unmarked(nested, f"{prefix}{name}.")
+            elif name.endswith(("_file", "_folder", "_path", "_list")) and not path_kind(info):
+                yield prefix + name
+    assert list(unmarked(RenderConfig)) == []
+
+    (settings.videos[0] / "clip.mp4").write_bytes(b"x")
+    (settings.models[0] / "annotators").mkdir()
+    state = F.state_from_data({})
+    state["f:data.input_frames.video_file"] = "clip.mp4"
+    state["f:models.model_list"] = [str(settings.models[0] / "sd.safetensors")]
+    state["f:models.annotators_folder"] = "/etc"
+    state["f:models.tokenizer_folder"] = "../../.."
+    state["f:data.output_folder"] = "r1"
+    _, errors = F.validate(F.data_from_state(state), settings)
+    assert "outside the allowed models" in errors["models.annotators_folder"][0]
+    assert "outside the allowed models" in errors["models.tokenizer_folder"][0]
+    state["f:models.annotators_folder"] = "annotators"
+    state["f:models.tokenizer_folder"] = None
+    config, errors = F.validate(F.data_from_state(state), settings)
+    assert errors == {}
+    assert config.data.input_frames.video_file == str((settings.videos[0] / "clip.mp4").resolve())
+    assert config.models.annotators_folder == str((settings.models[0] / "annotators").resolve())
+
+    run = settings.output / "r2"
+    run.mkdir()
+    stored = {"data": {"input_frames": {"video_file": "clip.mp4"}, "output_folder": "."}}
+    data, problems = F.confine_paths(stored, settings, base=run)
+    assert "data.input_frames.video_file" in problems  # the render would read runs/r2/clip.mp4: not a videos path
+    stored["data"]["input_frames"]["video_file"] = "../../videos/clip.mp4"
+    data, problems = F.confine_paths(stored, settings, base=run)
+    assert problems == {}
+    assert data["data"]["input_frames"]["video_file"] == str((settings.videos[0] / "clip.mp4").resolve())
+    assert data["data"]["output_folder"] == str(run)

@@ -16,13 +16,9 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import PydanticUndefined
 
-from ..config import RenderConfig, Schema, error_line, parse_config
+from ..config import RenderConfig, Schema, error_line, map_paths, parse_config, path_kind
 from ..errors import UserError
 from .paths import confine, run_folder
-
-# Which string fields are paths, and which allowed folders they must lie in.
-PATH_FIELDS = {"video_file": "videos", "image_folder": "videos", "model_list": "models", "model_path": "models",
-               "textual_inversion_folder": "models", "output_folder": "output"}
 TEXT_AREA_FIELDS = {"prompt", "negative_prompt"}
 
 
@@ -78,7 +74,7 @@ def field_spec(name, info):
     else:
         default = info.default
     spec = dict(name=name, optional=optional, required=required, default=default,
-                description=info.description or "", constraints=_constraints(info), path_kind=PATH_FIELDS.get(name))
+                description=info.description or "", constraints=_constraints(info), path_kind=path_kind(info))
     origin = typing.get_origin(annotation)
     if _is_schema(annotation):
         return FieldSpec(kind="section", model=annotation, **spec)
@@ -282,66 +278,42 @@ def remove_list_item(state, path, model, index):
 def resolve_relative_paths(data, base_folder):
     """Make relative paths in a loaded config dict absolute against `base_folder` (as load_config does), leaving
     bad values alone for validation to report."""
-    def absolute(value):
-        if not isinstance(value, str) or not value.strip():
+    def absolute(value, kind, key):
+        if kind == "output" or not value.strip():
             return value
         return str((Path(base_folder) / Path(value).expanduser()).resolve())
 
-    def visit(node, model):
-        if not isinstance(node, dict):
-            return
-        for spec in fields_of(model):
-            if spec.name not in node:
-                continue
-            value = node[spec.name]
-            if spec.kind == "section":
-                visit(value, spec.model)
-            elif spec.kind == "list_section" and isinstance(value, list):
-                for item in value:
-                    visit(item, spec.model)
-            elif spec.path_kind and spec.path_kind != "output":
-                node[spec.name] = [absolute(v) for v in value] if isinstance(value, list) else absolute(value)
-
-    visit(data, RenderConfig)
-    return data
+    return map_paths(data, absolute)
 
 
-def path_errors(data, settings):
-    """{dotted key: message} for every path outside its allowed folders; the output folder must be a folder
-    directly named under the output root."""
+def confine_paths(data, settings, base=None):
+    """Every path-typed field of a config dict (found by walking the schema) resolved and checked against its
+    allowed folders. A relative path is taken relative to `base`, the folder of the config file the render will
+    read (exactly as the render resolves it), or, for the page's form (base None), to its kind's first folder.
+    The output folder must be a folder directly under the output root. Returns (a copy of the dict with every
+    checked path made absolute, {dotted key: message}): launch or save the copy, which is what was checked."""
     errors = {}
+    data = yaml.safe_load(yaml.safe_dump(data))
 
-    def check(value, kind, path):
-        if value is None or (isinstance(value, str) and not value.strip()):
-            return
+    def check(value, kind, key):
+        if not value.strip():
+            return value
         try:
             if kind == "output":
-                run_folder(settings, value)
-            else:
-                confine(value, settings, kind)
+                if base is not None and not Path(value).expanduser().is_absolute():
+                    value = str(Path(base) / value)
+                return str(run_folder(settings, value))
+            return str(confine(value, settings, kind, base=base))
         except UserError as error:
-            errors[dotted(path)] = str(error)
+            errors[key] = str(error)
+            return value
 
-    def visit(node, model, prefix):
-        if not isinstance(node, dict):
-            return
-        for spec in fields_of(model):
-            value = node.get(spec.name)
-            path = prefix + (spec.name,)
-            if spec.kind == "section":
-                visit(value, spec.model, path)
-            elif spec.kind == "list_section" and isinstance(value, list):
-                for index, item in enumerate(value):
-                    visit(item, spec.model, path + (index,))
-            elif spec.path_kind:
-                if isinstance(value, list):
-                    for index, item in enumerate(value):
-                        check(item, spec.path_kind, path + (index,))
-                elif isinstance(value, str):
-                    check(value, spec.path_kind, path)
+    return map_paths(data, check), errors
 
-    visit(data, RenderConfig, ())
-    return errors
+
+def path_errors(data, settings, base=None):
+    """{dotted key: message} for every path outside its allowed folders (see confine_paths)."""
+    return confine_paths(data, settings, base)[1]
 
 
 def with_output_folder(data, settings):
@@ -359,9 +331,10 @@ def validate(data, settings):
     """Validate a form's config dict the way the CLI does (parse_config) plus path confinement.
     Returns (RenderConfig or None, {dotted key: [messages]}); "" is the key of whole-config errors."""
     errors = {}
-    for key, message in path_errors(data, settings).items():
+    absolute, problems = confine_paths(data, settings)
+    for key, message in problems.items():
         errors.setdefault(key, []).append(message)
-    absolute = with_output_folder(data, settings)
+    absolute = with_output_folder(absolute, settings)
     try:
         RenderConfig.model_validate(absolute)
     except ValidationError as error:

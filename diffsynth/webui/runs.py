@@ -119,7 +119,7 @@ def launch(run_dir, config_path, extra_env=None):
 
 def resume(run_dir, settings, extra_env=None):
     """Launch the render again with the run folder's own config (config.json, else config.yaml)."""
-    from .form import path_errors
+    from .form import confine_paths
     run_dir = Path(run_dir)
     for name in (RESOLVED_CONFIG, CONFIG_NAME):
         config_path = run_dir / name
@@ -131,12 +131,13 @@ def resume(run_dir, settings, extra_env=None):
     data = dict(data)
     if isinstance(data.get("data"), dict):
         data["data"] = dict(data["data"], output_folder=str(run_dir))
-    problems = path_errors(data, settings)
+    # Relative paths resolved as the render would (against the config file's folder, the run folder), checked, and
+    # exactly that launched: the run folder's config with output_folder made this folder (a renamed run folder
+    # renders into itself) and every path absolute, written beside it, not the stored file.
+    data, problems = confine_paths(data, settings, base=run_dir)
     if problems:
         key, message = next(iter(problems.items()))
         raise UserError(f"cannot resume {run_dir.name}: {key}: {message}")
-    # Launch exactly what was checked: the run folder's config with output_folder made this folder (a renamed run
-    # folder renders into itself), written beside it, not the stored file, which may point elsewhere.
     return launch(run_dir, save_run_config(data, run_dir), extra_env)
 
 
