@@ -106,6 +106,24 @@ def atomic_write(path, data, before_rename=None):
     write_atomically(path, lambda tmp: Path(tmp).write_bytes(data), before_rename)
 
 
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+
+
+def storage_error(error, run_dir, what="the run folder"):
+    """A full or read-only disk is the user's to fix: a UserError (one line; the same command resumes), or None
+    when `error` is something else."""
+    number = getattr(error, "errno", None)
+    if number in STORAGE_ERRNOS:
+        reason = os.strerror(number)
+    elif isinstance(error, sqlite3.OperationalError) and any(
+            text in str(error) for text in ("disk is full", "readonly", "disk I/O error")):
+        reason = str(error)
+    else:
+        return None
+    return UserError(f"cannot write {what} in {run_dir}: {reason}; free space on that disk (or make it writable) "
+                     "and run the same command again: finished units are kept")
+
+
 def fingerprint(*parts):
     """A stable hash of JSON-able parts (a stage's name, code version, parameters and its inputs' fingerprints)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -197,6 +215,10 @@ def check_run_folder(run_dir):
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"output folder {run_dir} is a file, not a folder; set data.output_folder to a new or "
                         "empty folder")
+    kind = filesystem_type(run_dir)
+    if kind in NETWORK_FILESYSTEMS:
+        raise UserError(f"output folder {run_dir} is on a network filesystem ({kind}), where the manifest's SQLite "
+                        "journal is not safe; set data.output_folder to a folder on a local disk")
     if run_dir.is_dir() and not (run_dir / MANIFEST).is_file():
         entries = sorted(entry.name for entry in run_dir.iterdir())
         if entries:
@@ -204,6 +226,33 @@ def check_run_folder(run_dir):
             raise UserError(f"output folder {run_dir} already holds files that are not a render's ({shown}); set "
                             "data.output_folder to a new or empty folder (a render writes only into its own run "
                             "folder)")
+
+
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "fuse.sshfs", "fuse.rclone",
+                       "fuse.s3fs", "fuse.gcsfuse", "glusterfs", "ceph", "fuse.ceph", "lustre", "gpfs", "beegfs"}
+
+
+def filesystem_type(path, mounts_file="/proc/mounts"):
+    """The type of the filesystem holding `path` (its nearest existing folder), from the mount table; None where
+    there is no readable mount table."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    path = path.resolve()
+    try:
+        lines = Path(mounts_file).read_text().splitlines()
+    except OSError:
+        return None
+    best, kind = "", None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount_point = fields[1].replace("\\040", " ")
+        if (str(path) == mount_point or str(path).startswith(mount_point.rstrip("/") + "/")) and \
+                len(mount_point) >= len(best):
+            best, kind = mount_point, fields[2]
+    return kind
 
 
 class RunCache:

@@ -21,6 +21,9 @@ def _parser():
     render.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override one config value (repeatable), e.g. --set pipeline.seed=3")
     render.add_argument("--no-progress", action="store_true", help="no progress bars (the log is still written)")
+    render.add_argument("--verify", action="store_true",
+                        help="check every cached unit's checksum first and recompute damaged ones (reads the whole "
+                             "cache; without it sizes are checked at start and checksums on every read)")
     status = commands.add_parser("status", help="how far a run folder is")
     status.add_argument("run_dir")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -81,7 +84,7 @@ def cmd_render(args):
     from .pipeline import render
 
     config = load_config(args.config, args.overrides)
-    video = render(config, progress=not args.no_progress)
+    video = render(config, progress=not args.no_progress, verify=getattr(args, "verify", False))
     print(video)
 
 

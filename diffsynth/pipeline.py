@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from .cache import RunCache, atomic_write
+from .cache import RunCache, atomic_write, storage_error
 from .config import RenderConfig, config_json
 from .errors import Interrupted, UserError
 from .models.loader import ModelStore
@@ -112,8 +112,9 @@ def build_stages(ctx):
     return stages
 
 
-def render(config, progress=True):
-    """Run or resume the render of `config` in its output folder; returns the path of video.mp4."""
+def render(config, progress=True, verify=False):
+    """Run or resume the render of `config` in its output folder; returns the path of video.mp4. `verify`: check
+    every cached unit's checksum before starting (see run_stages)."""
     run_dir = Path(config.data.output_folder)
     cache = RunCache(run_dir)
     try:
@@ -126,7 +127,7 @@ def render(config, progress=True):
                 stages = build_stages(ctx)
                 log.info("render of %s: %d stages", run_dir, len(stages))
                 cache.set_value("outcome", {"state": "running", "pid": os.getpid()})
-                report = run_stages(stages, cache, progress=progress, stop=stop)
+                report = run_stages(stages, cache, progress=progress, stop=stop, verify=verify)
             cache.set_value("outcome", {"state": "complete"})
             log.info("render complete: %s", run_dir / VIDEO_KEY)
             print(report.summary, file=sys.stderr, flush=True)
@@ -135,12 +136,13 @@ def render(config, progress=True):
             log.warning("interrupted: %s", interruption)
             raise
         except Exception as error:  # noqa: BLE001 - record why, then let the CLI report it
+            error = storage_error(error, run_dir) or error
             record_outcome(cache, {"state": "failed", "message": str(error).splitlines()[0] if str(error)
                                    else type(error).__name__})
             if isinstance(error, UserError):
                 log.error("render stopped: %s", error)
-            else:
-                log.exception("render failed")
+                raise error from None
+            log.exception("render failed")
             raise
         finally:
             logging.getLogger("diffsynth").removeHandler(handler)
@@ -159,8 +161,16 @@ def record_outcome(cache, outcome):
         log.warning("could not record the render's outcome: %s", error)
 
 
+class QuietFileHandler(logging.FileHandler):
+    """The render's log file. A line that cannot be written (a full disk) is dropped: the error that matters is
+    reported on its own, as one line, not buried under logging's tracebacks."""
+
+    def handleError(self, record):
+        pass
+
+
 def log_to(path):
-    handler = logging.FileHandler(path)
+    handler = QuietFileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger = logging.getLogger("diffsynth")
     logger.setLevel(logging.INFO)

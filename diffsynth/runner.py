@@ -10,9 +10,7 @@ It knows no stage by name. Its rules:
 - SIGINT/SIGTERM stop after the current unit (Interrupted, exit code 3).
 """
 
-import errno
 import logging
-import os
 import signal
 import sqlite3
 import sys
@@ -20,8 +18,8 @@ import time
 
 from tqdm import tqdm
 
-from .cache import CorruptUnit
-from .errors import Interrupted, UserError
+from .cache import CorruptUnit, storage_error
+from .errors import Interrupted
 
 log = logging.getLogger("diffsynth")
 
@@ -49,13 +47,15 @@ class StopFlag:
         log.warning("signal %s: stopping after the current unit", signal.Signals(signum).name)
 
 
-def run_stages(stages, cache, progress=True, stop=None):
+def run_stages(stages, cache, progress=True, stop=None, verify=False):
     """Run every stage to completion (or until a stop is requested). `stop`: a StopFlag the caller installed
     earlier (so a signal during its own start-up counts too); by default the runner installs one itself.
+    Start-up checks every kept unit's size, and the checksums of the final outputs; `verify` checks every kept
+    unit's checksum (slow on a long video: it reads the whole cache). Every read checks the checksum anyway.
     Returns a RunReport: how many units were computed and how many were reused from the cache."""
     if stop is None:
         with StopFlag() as stop:
-            return run_stages(stages, cache, progress, stop)
+            return run_stages(stages, cache, progress, stop, verify)
     names = [stage.name for stage in stages]
     assert len(set(names)) == len(names), f"duplicate stage names in {names}"
     cache.forget_other_stages(set(names))
@@ -63,7 +63,7 @@ def run_stages(stages, cache, progress=True, stop=None):
     for position, stage in enumerate(stages):
         keys[stage.name] = stage.unit_keys()
         cache.open_stage(stage.name, stage.fingerprint, len(keys[stage.name]), position)
-        damaged = cache.verify_stage(stage.name, full=not _readers(stage, stages))
+        damaged = cache.verify_stage(stage.name, full=verify or not _readers(stage, stages))
         if damaged:
             log.warning("stage %s: %d cached unit(s) missing or damaged on disk, recomputing them: %s",
                         stage.name, len(damaged), ", ".join(damaged[:5]) + (" …" if len(damaged) > 5 else ""))
@@ -182,7 +182,7 @@ def _run_stage(stage, pending, total, cache, stop, progress, report):
             try:
                 cache.write(stage.name, key, data, path)
             except (OSError, sqlite3.OperationalError) as error:
-                raise _storage_error(error, cache, f"{stage.name}/{key}") from None
+                raise storage_error(error, cache.run_dir, f"{stage.name}/{key}") or error from None
             report.computed[stage.name] += 1
             bar.update(1)
             if stop.stop_requested:
@@ -190,19 +190,6 @@ def _run_stage(stage, pending, total, cache, stop, progress, report):
     finally:
         bar.close()
     log.info("stage %s: done in %.1f s", stage.name, time.time() - started)
-
-
-STORAGE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
-
-
-def _storage_error(error, cache, unit):
-    """A full or read-only disk is the user's to fix: one line, and the same command resumes (exit code 2)."""
-    full = isinstance(error, sqlite3.OperationalError) and ("full" in str(error) or "readonly" in str(error))
-    if getattr(error, "errno", None) in STORAGE_ERRNOS or full:
-        reason = os.strerror(error.errno) if getattr(error, "errno", None) else str(error)
-        return UserError(f"cannot write {unit} in {cache.run_dir}: {reason}; free space on that disk (or make it "
-                         "writable) and run the same command again: finished units are kept")
-    return error
 
 
 def _retire_finished_inputs(stage, stages, cache):

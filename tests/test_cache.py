@@ -197,3 +197,23 @@ def test_a_full_disk_stops_with_one_line_and_the_same_command_finishes(run, tmp_
     assert len(calls) == 15 - 7
     assert results["last"] == [str(i + 100 + i + 10 + i).encode() for i in range(5)]
     assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
+def test_a_run_folder_on_a_network_filesystem_is_refused(tmp_path, monkeypatch):
+    import diffsynth.cache as cache_module
+    from diffsynth.errors import UserError
+    mounts = tmp_path / "mounts"
+    (tmp_path / "nas").mkdir()  # mount points exist
+    (tmp_path / "my share").mkdir()
+    share = str(tmp_path / "my share").replace(" ", "\\040")  # the mount table escapes spaces
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/export {tmp_path / 'nas'} nfs4 rw 0 0\n"
+                      f"//host/share {share} cifs rw 0 0\n")
+    assert cache_module.filesystem_type(tmp_path / "nas" / "runs" / "new", mounts) == "nfs4"
+    assert cache_module.filesystem_type(tmp_path / "my share" / "x", mounts) == "cifs"
+    assert cache_module.filesystem_type(tmp_path / "local", mounts) == "ext4"
+    real = cache_module.filesystem_type
+    monkeypatch.setattr(cache_module, "filesystem_type", lambda path: real(path, mounts))
+    with pytest.raises(UserError, match="network filesystem \\(nfs4\\).*local disk"):
+        RunCache(tmp_path / "nas" / "run")
+    assert not (tmp_path / "nas" / "run").exists()
+    RunCache(tmp_path / "local" / "run").close()

@@ -154,6 +154,15 @@ def resolve_device(device):
     return device
 
 
+def device_kind(device):
+    """What a device is, for fingerprints: results differ in low bits between the CPU and a GPU, and between GPU
+    models, so a run resumed on another kind of device recomputes rather than mixing results."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda {torch.cuda.get_device_name(device)}"
+    return device.type
+
+
 def use_deterministic_cuda_kernels():
     """A unit recomputed after a crash must give the same bits as the first time: no autotuned or atomics-based
     cuDNN/cuBLAS kernels. (Not yet exercised on a real GPU.)"""
@@ -253,6 +262,7 @@ class ModelStore:
             parts["controlnets"] = [file_identity(path) for path in self.files.controlnets]
         if "vae" in components and self.files.vae is not None:
             parts["vae"] = file_identity(self.files.vae)
+        parts["device"] = device_kind(self.device)
         return parts
 
     @property

@@ -1,6 +1,7 @@
 """Stage 10, encode: the final frames as frames/00000.png … and video.mp4 (H.264, the source's frame rate and
 the source's audio for the rendered range)."""
 
+import logging
 from pathlib import Path
 
 from ..cache import bytes_to_image, image_to_png
@@ -8,6 +9,7 @@ from ..video import encode_video, encoder_name
 from .base import Stage, frame_index, frame_key
 
 VIDEO_KEY = "video.mp4"
+log = logging.getLogger("diffsynth")
 
 
 class EncodeStage(Stage):
@@ -21,9 +23,11 @@ class EncodeStage(Stage):
         self.audio = audio  # (source path, start seconds, end seconds) or None
         self.width, self.height = size
         self.crf = crf
+        self.codec = encoder_name()
 
     def params(self):
-        return {"fps": str(self.fps), "crf": self.crf, "audio": self.audio, "size": [self.width, self.height]}
+        return {"fps": str(self.fps), "crf": self.crf, "audio": self.audio, "size": [self.width, self.height],
+                "codec": self.codec}
 
     def unit_keys(self):
         return [f"frames/{frame_index(key):05d}.png" for key in self.final_frames.frame_keys()] + [VIDEO_KEY]
@@ -41,6 +45,7 @@ class EncodeStage(Stage):
     def _encode(self):
         """A function that streams the frames into the encoder (one frame in memory at a time) at the path the
         cache gives it; the cache renames it into place and records it."""
+        log.info("encoding %s with %s (crf %s)", VIDEO_KEY, self.codec, self.crf)
         frames = (bytes_to_image(self.read_bytes(self.final_frames, key)) for key in self.final_frames.frame_keys())
         return lambda tmp: encode_video(tmp, frames, self.fps, self.crf, self.width, self.height, audio=self.audio,
-                                        codec=encoder_name())
+                                        codec=self.codec)

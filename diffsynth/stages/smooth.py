@@ -18,6 +18,7 @@ import torch
 from ..cache import image_to_bytes, tensors_to_bytes
 from ..fastblend import FastBlendConfig, SmoothingPlan
 from ..fastblend import frame_key as plan_frame_key
+from ..models.loader import device_kind
 from ..schedule import x0_from_eps
 from .base import Stage, frame_index, frame_key
 from .denoise import CombinedEps
@@ -87,7 +88,8 @@ class SmoothStage(Stage):
         self._table_keys = [key for key in self._plan_keys if not key.startswith(PLAN_FRAME_PREFIX)]
 
     def params(self):
-        return {"fastblend": asdict(self.config)}
+        # The device too: patch-match's random search draws differ between the CPU and CUDA.
+        return {"fastblend": asdict(self.config), "device": device_kind(self.device)}
 
     @staticmethod
     def _cache_key(plan_key):

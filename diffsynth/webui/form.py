@@ -19,6 +19,7 @@ from pydantic_core import PydanticUndefined
 from ..config import RenderConfig, Schema, error_line, map_paths, parse_config, path_kind
 from ..errors import UserError
 from .paths import confine, run_folder
+
 TEXT_AREA_FIELDS = {"prompt", "negative_prompt"}
 
 
