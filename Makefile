@@ -27,5 +27,6 @@ bench: $(STAMP)
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/cache_cost.py
 
+# Generated demo assets and test screenshots only: the render folders (the web UI's too) are never deleted here.
 clean:
-	rm -rf runs assets test-artifacts
+	rm -rf assets test-artifacts

@@ -142,7 +142,10 @@ def bytes_to_tensors(data):
 def image_to_bytes(array):
     """uint8 (H, W, 3) array → bytes. Raw safetensors, not PNG: PNG-encoding a 1280×768 frame costs ~200 ms, over
     ten times the whole cache write, and the cache is written once and read a few times."""
-    return tensors_to_bytes({"image": torch.from_numpy(np.ascontiguousarray(array, dtype=np.uint8))})
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    if not array.flags.writeable:  # PIL's and PyAV's arrays are read-only; torch warns about sharing those
+        array = array.copy()
+    return tensors_to_bytes({"image": torch.from_numpy(array)})
 
 
 def bytes_to_image(data):

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,9 @@ def _parser():
     demo.add_argument("--output-folder", help="run folder (default: the demo config's, runs/demo)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--write-config", metavar="PATH",
+                      help="write a copy of the demo config with absolute paths (a starting point to edit, "
+                           "rendering into runs/<its name> beside it) and exit without rendering")
     smooth = commands.add_parser("smooth", help="FastBlend a rendered video, guided by the original (resumable)")
     smooth.add_argument("--guide", required=True, help="the original video")
     smooth.add_argument("--style", required=True, help="the rendered (flickering) video, frame for frame")
@@ -89,9 +93,12 @@ def cmd_render(args):
 
 
 def cmd_demo(args):
-    from .demo import DEMO_CONFIG, ensure_demo_assets
+    from .demo import DEMO_CONFIG, ensure_demo_assets, write_demo_config
 
     ensure_demo_assets()
+    if args.write_config:
+        print(write_demo_config(args.write_config, args.overrides))
+        return
     overrides = list(args.overrides)
     if args.output_folder:
         overrides.append(f"data.output_folder={Path(args.output_folder).resolve()}")
@@ -146,6 +153,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `diffsynth status RUN | head -1`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush fails silently too
+        return EXIT_OK
     return EXIT_OK
 
 

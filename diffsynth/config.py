@@ -235,16 +235,49 @@ def set_by_path(data, dotted_key, value):
         node[last] = value
 
 
+def field_at(dotted_key, model=None):
+    """The schema field a dotted config key names (list indices skipped), or None."""
+    model, info = model or RenderConfig, None
+    for key in dotted_key.split("."):
+        if key.isdigit() and info is not None:
+            continue
+        if model is None or key not in model.model_fields:
+            return None
+        info = model.model_fields[key]
+        model = _schema_class(info.annotation)
+    return info
+
+
 def parse_override(text):
+    """`key.path=value` → (key, value). A value is YAML (numbers, lists, true/false), except for a path field,
+    whose value is taken as typed (a file name may hold '#' or ': ') and made absolute against the current folder,
+    as a shell user expects; a path list may be given as a YAML list."""
     if "=" not in text:
         raise UserError(f"--set expects key.path=value, got '{text}'")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    key = key.strip()
+    info = field_at(key)
+    if info is None or not path_kind(info):
+        try:
+            return key, yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as error:
+            raise UserError(f"--set {key}: the value is not valid YAML ({str(error).splitlines()[0]}); quote it") \
+                from None
+
+    def absolute(value):
+        return str(Path(value).expanduser().resolve()) if isinstance(value, str) and value else value
+
+    if raw.strip().startswith("[") and not key.split(".")[-1].isdigit():
+        values = yaml.safe_load(raw)
+        return key, [absolute(value) for value in values] if isinstance(values, list) else values
+    if raw.strip() in ("", "null", "None"):
+        return key, None
+    return key, absolute(raw)
 
 
 def load_config(path, overrides=()):
     """Read a YAML (or JSON) config, apply `key.path=value` overrides, validate. Relative paths inside the config
-    are taken relative to the config file's folder."""
+    are taken relative to the config file's folder; paths given with --set, relative to the current folder."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")

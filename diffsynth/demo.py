@@ -6,6 +6,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from .errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 DEMO_ASSETS = REPO_ROOT / "assets" / "demo"
@@ -73,3 +75,22 @@ def ensure_demo_assets(folder=DEMO_ASSETS):
         write_synthetic_clip(clip.with_suffix(".partial.mp4"))
         clip.with_suffix(".partial.mp4").rename(clip)
     return folder
+
+
+def write_demo_config(path, overrides=()):
+    """A copy of the demo config that works wherever it is put: every path absolute, rendering into
+    runs/<file stem> beside it. Returns the path written."""
+    import yaml
+
+    from .cache import atomic_write
+    from .config import load_config
+    path = Path(path).resolve()
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        raise UserError(f"--write-config {path}: give a .yaml file name")
+    config = load_config(DEMO_CONFIG, list(overrides)).model_dump()
+    config["data"]["output_folder"] = str(path.parent / "runs" / path.stem)
+    header = "# A copy of the bundled demo config (tiny models); paths are absolute. Edit and render it with\n" \
+             f"#   diffsynth render {path}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, (header + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)).encode())
+    return path

@@ -1,6 +1,7 @@
 """Helpers shared by the test modules (imported as `helpers`; conftest.py holds the fixtures)."""
 
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -89,3 +90,47 @@ def committed_units(run_dir):
 def recomputed(before, after):
     """Units committed in `before` whose row is gone or was written again in `after`."""
     return sorted(unit for unit, finished in before.items() if after.get(unit) != finished)
+
+
+def kept_files(run_dir):
+    """{(stage, key): path} of every unit whose file is kept on disk."""
+    db = sqlite3.connect(run_dir / "manifest.sqlite")
+    rows = db.execute("SELECT stage, key, path FROM units WHERE size >= 0").fetchall()
+    db.close()
+    return {(stage, key): run_dir / path for stage, key, path in rows}
+
+
+def released_units(run_dir):
+    db = sqlite3.connect(run_dir / "manifest.sqlite")
+    rows = db.execute("SELECT stage, key FROM units WHERE size < 0").fetchall()
+    db.close()
+    return set(rows)
+
+
+def damage(path, how):
+    data = path.read_bytes()
+    if how == "flip":  # same size: only the checksum can tell
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    elif how == "truncate":
+        path.write_bytes(data[: len(data) // 3])
+    else:
+        path.unlink()
+
+
+def pick_damage(run_dir, count, seed):
+    """`count` kept units, spread over the stages (round-robin over stages in a seeded order), each with a kind of
+    damage."""
+    rng = random.Random(seed)
+    by_stage = {}
+    for unit in sorted(kept_files(run_dir)):
+        by_stage.setdefault(unit[0], []).append(unit)
+    stages = sorted(by_stage)
+    rng.shuffle(stages)
+    chosen = []
+    while len(chosen) < count:
+        for stage in stages:
+            candidates = [unit for unit in by_stage[stage] if unit not in chosen]
+            if candidates and len(chosen) < count:
+                chosen.append(rng.choice(candidates))
+    return [(unit, ("flip", "truncate", "delete")[index % 3]) for index, unit in enumerate(chosen)]

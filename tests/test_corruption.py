@@ -1,55 +1,21 @@
 """Damaged cache files between runs: ten files across the stages flipped, truncated or deleted. Each is detected,
 only it (and released units it needs) is recomputed, and the output is byte-identical. Counted from the manifest."""
 
-import random
 import shutil
 import sqlite3
 
-from helpers import committed_units, outputs, recomputed, run_cli, small_config, write_config
-
-
-def kept_files(run_dir):
-    """{(stage, key): path} of every unit whose file is kept on disk."""
-    db = sqlite3.connect(run_dir / "manifest.sqlite")
-    rows = db.execute("SELECT stage, key, path FROM units WHERE size >= 0").fetchall()
-    db.close()
-    return {(stage, key): run_dir / path for stage, key, path in rows}
-
-
-def released_units(run_dir):
-    db = sqlite3.connect(run_dir / "manifest.sqlite")
-    rows = db.execute("SELECT stage, key FROM units WHERE size < 0").fetchall()
-    db.close()
-    return set(rows)
-
-
-def damage(path, how):
-    data = path.read_bytes()
-    if how == "flip":  # same size: only the checksum can tell
-        middle = len(data) // 2
-        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
-    elif how == "truncate":
-        path.write_bytes(data[: len(data) // 3])
-    else:
-        path.unlink()
-
-
-def pick_damage(run_dir, count, seed):
-    """`count` kept units, spread over the stages (round-robin over stages in a seeded order), each with a kind of
-    damage."""
-    rng = random.Random(seed)
-    by_stage = {}
-    for unit in sorted(kept_files(run_dir)):
-        by_stage.setdefault(unit[0], []).append(unit)
-    stages = sorted(by_stage)
-    rng.shuffle(stages)
-    chosen = []
-    while len(chosen) < count:
-        for stage in stages:
-            candidates = [unit for unit in by_stage[stage] if unit not in chosen]
-            if candidates and len(chosen) < count:
-                chosen.append(rng.choice(candidates))
-    return [(unit, ("flip", "truncate", "delete")[index % 3]) for index, unit in enumerate(chosen)]
+from helpers import (
+    committed_units,
+    damage,
+    kept_files,
+    outputs,
+    pick_damage,
+    recomputed,
+    released_units,
+    run_cli,
+    small_config,
+    write_config,
+)
 
 
 def test_ten_damaged_files_are_detected_and_only_they_are_recomputed(demo_assets, small_render, tmp_path):

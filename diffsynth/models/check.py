@@ -57,7 +57,7 @@ def check_models(models_config):
 
     def entry(path, expected=None, role=""):
         try:
-            kind = detect_kind(path)
+            kind = detect_kind(path, (expected,), role) if expected else detect_kind(path)
             if expected is not None and kind != expected:
                 raise UserError(f"is a {kind}, but {role} needs {WHERE_TO_FIND[expected]}")
             details = _single_file_details(path, kind) if Path(path).is_file() else "diffusers folder"
@@ -65,7 +65,7 @@ def check_models(models_config):
             return kind
         except UserError as error:
             message = str(error)
-            rows.append(("PROBLEM", str(path), message.replace(str(path), "").strip(" :") or message))
+            rows.append(("PROBLEM", str(path), message.replace(f": {path}", "").replace(f"{path} ", "") or message))
             return None
 
     for path in models_config.model_list:
@@ -83,7 +83,7 @@ def check_models(models_config):
         rows.append(("PROBLEM", "models.lora_alphas", f"{len(models_config.lora_alphas)} value(s) for {len(loras)} "
                                                       "LoRA file(s); give one alpha per LoRA, in order"))
     for index, unit in enumerate(models_config.controlnet_units):
-        entry(unit.model_path, CONTROLNET, f"controlnet_units[{index}]")
+        entry(unit.model_path, CONTROLNET, f"models.controlnet_units.{index}.model_path")
         if unit.processor_id in ANNOTATOR_FILES:
             try:
                 path = annotator_file(unit.processor_id, getattr(models_config, "annotators_folder", None))

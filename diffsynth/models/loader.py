@@ -61,14 +61,17 @@ def kind_from_keys(path, shapes):
     return None
 
 
-def detect_kind(path):
+MODEL_LIST_KINDS = (BASE, MOTION, LORA)
+
+
+def detect_kind(path, expected=MODEL_LIST_KINDS, key="models.model_list"):
     """What a model path holds: BASE, MOTION, CONTROLNET, TEXTUAL_INVERSION, LORA or VAE; UserError (one line
-    naming the file, what was expected and where such files come from) when it is none of them."""
+    naming the file, what was expected there (`expected` kinds, at config key `key`) and where such files come
+    from) when it is none of them."""
     path = Path(path)
-    expected = "; ".join(WHERE_TO_FIND[k] for k in (BASE, MOTION, CONTROLNET))
     if not path.exists():
-        raise UserError(f"model file not found: {path} (expected {expected}; check models.model_list / "
-                        "controlnet_units paths)")
+        wanted = " or ".join(WHERE_TO_FIND[kind] for kind in expected)
+        raise UserError(f"model file not found: {path} (expected {wanted}; check {key})")
     if path.is_dir():
         if (path / "model_index.json").is_file():
             return BASE
@@ -139,8 +142,8 @@ def classify_model_list(model_list, controlnet_paths, lora_alphas=(), textual_in
     from .extras import textual_inversion_files
     for keyword, path in textual_inversion_files(textual_inversion_folder).items():
         files.textual_inversions.setdefault(keyword, path)
-    for path in controlnet_paths:
-        kind = detect_kind(path)
+    for index, path in enumerate(controlnet_paths):
+        kind = detect_kind(path, (CONTROLNET,), f"models.controlnet_units.{index}.model_path")
         if kind != CONTROLNET:
             raise UserError(f"controlnet unit model {path} is a {kind}, not a ControlNet: expected "
                             f"{WHERE_TO_FIND[CONTROLNET]}")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from ..cache import image_to_bytes
 from ..models.annotators import ANNOTATOR_FILES, annotator_file, make_annotator  # noqa: F401 (re-exported)
-from ..models.loader import file_identity
+from ..models.loader import device_kind, file_identity
 from .base import Stage
 
 
@@ -31,8 +31,9 @@ class AnnotateStage(Stage):
 
     def params(self):
         params = {"processor_id": self.processor_id}
-        if self.processor_id in ANNOTATOR_FILES:
+        if self.processor_id in ANNOTATOR_FILES:  # a learned annotator: a network, run on the models' device
             params["weights"] = file_identity(annotator_file(self.processor_id, self._folder))
+            params["device"] = device_kind(getattr(self.ctx.models, "device", "cpu"))
         return params
 
     def unit_keys(self):
