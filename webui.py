@@ -13,24 +13,38 @@ import streamlit as st
 
 from diffsynth.errors import UserError
 from diffsynth.webui import form as F
+from diffsynth.webui import labels as L
 from diffsynth.webui import runs as R
-from diffsynth.webui.paths import confine, list_configs, list_models, list_videos, run_folder, run_name
-from diffsynth.webui.settings import load_settings
+from diffsynth.webui.paths import (
+    UPLOAD_LIMIT_MB,
+    VIDEO_SUFFIXES,
+    confine,
+    list_configs,
+    list_models,
+    list_videos,
+    run_folder,
+    run_name,
+    save_upload,
+)
+from diffsynth.webui.settings import ensure_folders, load_settings
 
 STATE_ICONS = {"running": ":material/play_circle:", "starting": ":material/hourglass_top:",
                "complete": ":material/check_circle:", "interrupted": ":material/pause_circle:",
                "failed": ":material/error:", "new": ":material/radio_button_unchecked:"}
-SECTION_TITLES = {"data": "Input video and output", "models": "Models and ControlNet units",
-                  "pipeline": "Prompts and diffusion", "smoother_configs": "Smoothing (FastBlend)"}
-SECTION_ORDER = ("data", "models", "pipeline", "smoother_configs")  # schema fields not named here come after
-REFRESH_SECONDS = 1.5
+SECTION_TITLES = {"data": "1. Your video", "pipeline": "2. The look", "models": "3. Models",
+                  "smoother_configs": "Smoothing (FastBlend)"}
+SECTION_ORDER = ("data", "pipeline", "models", "smoother_configs")  # schema fields not named here come after
+# How often an open run page (and the runs list) re-reads a run that is rendering. Each refresh is a few aggregate
+# queries on the manifest; nothing refreshes while no render is active.
+REFRESH_SECONDS = 2.0
 
 st.set_page_config(page_title="DiffSynth Disk Cache", page_icon="🎨", layout="wide")
 ss = st.session_state
 
 try:
     settings = load_settings()
-except UserError as error:
+    ensure_folders(settings)
+except (UserError, OSError) as error:
     st.error(f"Web UI settings: {error}")
     st.stop()
 
@@ -68,6 +82,18 @@ def probe_video(path, mtime):
         return {"frames": len(source), "fps": float(source.fps), "width": width, "height": height}
     except UserError as error:
         return {"error": str(error)}
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def video_still(path, mtime, index):
+    """One frame of a video (uint8 RGB), for the preview: a picture instead of loading the whole file into the
+    page on every rerun."""
+    from diffsynth.video import decode, probe_video_file
+    try:
+        source = probe_video_file(Path(path))
+        return next((image for _, image in decode(source, [min(index, len(source) - 1)])), None)
+    except UserError:
+        return None
 
 
 def aspect_text(width, height):
@@ -168,12 +194,35 @@ def start_render():
     try:
         if R.render_pid(run_dir):
             raise UserError(f"a render is already running in {run_dir.name}; open it from the runs list")
+        with st.spinner("Checking the video and the model files…"):
+            R.check_inputs(config)  # before the run folder exists: a mistake leaves no failed run behind
         config_path = R.save_run_config(config, run_dir)
         R.launch(run_dir, config_path)
     except (UserError, OSError) as error:
         notify("error", f"Not started: {error}")
         return
     open_run(run_name(settings, run_dir))
+
+
+def save_uploaded_video(video_key):
+    """The upload control: save the file into the videos folder and put it in the form."""
+    upload = ss.get("video_upload")
+    if upload is None:
+        return
+    try:
+        path = save_upload(upload.name, upload.getvalue(), settings)
+    except (UserError, OSError) as error:
+        notify("error", f"Not uploaded: {error}")
+        return
+    info = probe_video(str(path), path.stat().st_mtime)
+    if "error" in info:
+        path.unlink()
+        notify("error", f"Not uploaded: {info['error']}")
+        return
+    ss[video_key] = str(path)
+    ss[F.widget_key(("data", "input_frames", "start_frame_id"))] = 0
+    ss[F.widget_key(("data", "input_frames", "end_frame_id"))] = None
+    notify("success", f"Uploaded {upload.name} into {path.parent} ({info['frames']} frames)")
 
 
 def add_item(path, model):
@@ -206,18 +255,22 @@ def show_errors(errors, path, leaf=True):
 
 def draw_leaf(spec, path, errors):
     key = F.widget_key(path)
-    label = spec.label
-    help_text = spec.description or None
+    label = L.field_label(path, spec.label)
+    help_text = L.field_help(path, spec.description)
     if spec.name == "output_folder":
-        st.text_input("run name (its folder under the output root)", key=key,
-                      help=f"The run folder is created under {settings.output}. {spec.description}")
+        st.text_input(label, key=key, help=L.field_help(
+            path, f"The run's folder under {settings.output}: its cache, frames and video.mp4."))
     elif spec.name == "video_file":
+        st.file_uploader(f"Upload a video (up to {UPLOAD_LIMIT_MB // 1024} GB)", key="video_upload",
+                         type=sorted(s.lstrip(".") for s in VIDEO_SUFFIXES), max_upload_size=UPLOAD_LIMIT_MB,
+                         on_change=save_uploaded_video, args=(key,),
+                         help=f"Saved into {settings.videos[0]}. For a bigger file, copy it into that folder and "
+                              "pick it below.")
         videos = list_videos(settings)
         pick_key = "pick:" + F.dotted(path)
-        st.selectbox("pick a video from the videos folders", [""] + videos, key=pick_key,
-                     on_change=pick_into, args=(key, pick_key),
-                     format_func=lambda v: v or "(choose…)")
-        st.text_input("video file", key=key, help=help_text)
+        st.selectbox(f"…or pick one from {settings.videos[0]}", [""] + videos, key=pick_key,
+                     on_change=pick_into, args=(key, pick_key), format_func=lambda v: v or "(choose…)")
+        st.text_input(label, key=key, help=help_text)
     elif spec.kind == "str_list" and spec.path_kind:
         current = [v for v in ss.get(key, []) if v]
         options = sorted(set(list_models(settings)) | set(current))
@@ -238,7 +291,7 @@ def draw_leaf(spec, path, errors):
         if value is not None and type(value) is not wanted:  # noqa: E721 - only a loaded config can do this
             ss[key] = wanted(value)  # (setting it on every run would fight the browser's newer value)
         if spec.optional:
-            help_text = (help_text or "") + " (leave empty for the default)"
+            help_text += " (leave empty for the default)"
         st.number_input(label, key=key, step=step, help=help_text, **extra)
     elif spec.kind == "text":
         st.text_area(label, key=key, help=help_text, height=80)
@@ -252,7 +305,7 @@ def draw_leaf(spec, path, errors):
 
 
 def draw_frames_extras(path):
-    """Under a FramesConfig: the video preview, the frame-range slider, the output size's aspect."""
+    """Under a FramesConfig: a still of the first frame to render, the frame-range slider, the output's aspect."""
     video = ss.get(F.widget_key(path + ("video_file",))) or ""
     height = ss.get(F.widget_key(path + ("height",)))
     width = ss.get(F.widget_key(path + ("width",)))
@@ -262,15 +315,22 @@ def draw_frames_extras(path):
             video_path = confine(video, settings, "videos")
         except UserError:
             video_path = None  # the field error says why
-        if video_path and video_path.is_file():
+        if video_path and not video_path.is_file():
+            st.warning(f"There is no video {video_path}: upload it above, or copy it into {settings.videos[0]}.")
+        elif video_path:
             info = probe_video(str(video_path), video_path.stat().st_mtime)
             if "error" in info:
                 st.warning(info["error"])
                 info = None
             else:
-                st.video(str(video_path))
+                start = int(ss.get(F.widget_key(path + ("start_frame_id",))) or 0)
+                still = video_still(str(video_path), video_path.stat().st_mtime, start)
+                if still is not None:
+                    st.image(still, caption=f"frame {start} of the source", width=min(480, still.shape[1]))
                 st.caption(f"{info['frames']} frames · {info['fps']:.3g} fps · {info['width']}×{info['height']} "
                            f"(aspect {aspect_text(info['width'], info['height'])})")
+                if st.toggle("Play the source video here", key="play:" + F.dotted(path)):
+                    st.video(str(video_path), width=min(640, max(240, info["width"])))
     if info and info["frames"] > 1:
         start_key = F.widget_key(path + ("start_frame_id",))
         end_key = F.widget_key(path + ("end_frame_id",))
@@ -280,8 +340,9 @@ def draw_frames_extras(path):
         range_key = "range:" + F.dotted(path + ("range",))
         if tuple(ss.get(range_key) or ()) != (start, end):
             ss[range_key] = (start, end)  # follow the number inputs (only when they differ: see draw_leaf)
-        st.slider("frame range [start, end)", 0, info["frames"], key=range_key, on_change=sync_range, args=(path,),
-                  help="sets start_frame_id and end_frame_id")
+        st.slider("Frames to render", 0, info["frames"], key=range_key, on_change=sync_range, args=(path,),
+                  help="Sets the first frame and the frame to stop before (config keys "
+                       f"`{F.dotted(path)}.start_frame_id` and `end_frame_id`).")
         seconds = (end - start) / info["fps"] if info["fps"] else 0
         st.caption(f"{end - start} frames ({seconds:.1f} s) will be rendered")
     if width and height:
@@ -291,26 +352,36 @@ def draw_frames_extras(path):
         st.caption(text)
 
 
-def draw_model(model, prefix, errors):
+def wanted(spec, path, which):
+    """Whether a field is drawn in this pass: "basic" (open), "advanced" (folded) or "all"."""
+    if which == "all" or spec.kind == "section":
+        return True  # a section's own fields decide, one by one
+    return L.is_basic(path) == (which == "basic")
+
+
+def draw_model(model, prefix, errors, which="all"):
     for spec in F.fields_of(model):
         path = prefix + (spec.name,)
+        if not wanted(spec, path, which):
+            continue
         if spec.kind == "section":
-            with st.container(border=True):
-                st.markdown(f"**{spec.label}**" + (f" — {spec.description}" if spec.description else ""))
+            if which != "advanced":  # a section's own problems (give exactly one of …) once, with its open fields
                 show_errors(errors, path, leaf=False)
-                draw_model(spec.model, path, errors)
+            draw_model(spec.model, path, errors, which)
         elif spec.kind == "list_section":
             draw_list(spec, path, errors)
         else:
             draw_leaf(spec, path, errors)
-    if model.__name__ == "FramesConfig":
+    if model.__name__ == "FramesConfig" and which != "advanced":
         draw_frames_extras(prefix)
 
 
 def draw_list(spec, path, errors):
     count = int(ss.get(F.count_key(path), 0) or 0)
-    item_name = spec.label.rstrip("s") if spec.name != "controlnet_frames" else "controlnet frames"
-    st.markdown(f"**{spec.label}** ({count})" + (f" — {spec.description}" if spec.description else ""))
+    label = L.field_label(path, spec.label)
+    item_name = "guide" if spec.name == "controlnet_units" else "entry"
+    st.markdown(f"**{label}** ({count})" + (f" — {spec.description}" if spec.description else ""),
+                help=L.field_help(path, ""))
     show_errors(errors, path, leaf=False)
     for index in range(count):
         with st.container(border=True):
@@ -319,8 +390,63 @@ def draw_list(spec, path, errors):
             button.button("Remove", key=f"remove:{F.dotted(path)}:{index}", on_click=remove_item,
                           args=(path, spec.model, index))
             show_errors(errors, path + (index,), leaf=False)
-            draw_model(spec.model, path + (index,), errors)
-    st.button(f"Add {item_name}", key=f"add:{F.dotted(path)}", on_click=add_item, args=(path, spec.model))
+            draw_model(spec.model, path + (index,), errors, "all")
+    st.button(f"Add a {item_name}", key=f"add:{F.dotted(path)}", on_click=add_item, args=(path, spec.model))
+
+
+FIELD_KINDS = {L.template_key(path): spec.kind for path, spec in F.walk()}
+
+
+def has_advanced_errors(errors, name):
+    """Whether a folded field of this section has a problem (so its fold opens)."""
+    for key in errors:
+        parts = key.split(".")
+        while parts and parts[-1].isdigit():
+            parts.pop()  # models.model_list.1 is the model_list field's problem
+        if parts and parts[0] == name and FIELD_KINDS.get(L.template_key(parts)) != "section" \
+                and not L.is_basic(parts):
+            return True
+    return False
+
+
+def draw_section(spec, errors):
+    """One part of the form: its everyday fields open, the rest folded under "More settings" (unfolded when one of
+    them has a problem to fix)."""
+    name = spec.name
+    title = SECTION_TITLES.get(name, L.field_label((name,), spec.label))
+    if spec.kind != "section":  # a list of sub-forms or a lone field at the top: folded whole
+        with st.expander(title, expanded=bool(ss.get("show_errors") and has_advanced_errors(errors, name))):
+            draw_list(spec, (name,), errors) if spec.kind == "list_section" else draw_leaf(spec, (name,), errors)
+        return
+    with st.container(border=True):
+        st.subheader(title)
+        show_errors(errors, (name,), leaf=False)
+        draw_model(spec.model, (name,), errors, "basic")
+        unfold = bool(ss.get("show_errors") and has_advanced_errors(errors, name))
+        with st.expander("More settings", expanded=unfold, key=f"more:{name}"):
+            draw_model(spec.model, (name,), errors, "advanced")
+
+
+def problem_lines(errors):
+    """Each problem in the form as 'label: message', so the list at the Render button says what to fix."""
+    lines = []
+    for key, messages in errors.items():
+        parts = key.split(".") if key else []
+        label = L.field_label(parts, key) if parts else "the config"
+        lines += [f"**{label}** — {message}" for message in messages]
+    return lines
+
+
+def draw_render_bar(errors, key):
+    """The Render button with what stops it, at the top of the form, so neither needs scrolling to."""
+    cols = st.columns([1, 1, 4])
+    cols[0].button("Render", key=key, type="primary", on_click=start_render, width="stretch")
+    cols[1].button("Check", key=f"{key}:check", on_click=lambda: ss.update(show_errors=True), width="stretch")
+    if ss.get("show_errors"):
+        if errors:
+            cols[2].error("Not ready to render:\n" + "\n".join(f"- {line}" for line in problem_lines(errors)))
+        else:
+            cols[2].success("Ready to render.")
 
 
 def draw_form():
@@ -345,31 +471,12 @@ def draw_form():
                                 file_name="render.yaml", mime="text/yaml", width="stretch")
 
     config, errors = F.validate(F.data_from_state(ss), settings)
+    draw_render_bar(errors, "render")
     specs = {spec.name: spec for spec in F.fields_of(F.RenderConfig)}
     order = [n for n in SECTION_ORDER if n in specs] + [n for n in specs if n not in SECTION_ORDER]
-    if ss.get("show_errors"):
-        for message in errors.get("", []):
-            st.error(message)
     for name in order:
-        spec = specs[name]
-        with st.expander(SECTION_TITLES.get(name, spec.label), expanded=True):
-            if spec.kind == "section":
-                show_errors(errors, (name,), leaf=False)
-                draw_model(spec.model, (name,), errors)
-            elif spec.kind == "list_section":
-                draw_list(spec, (name,), errors)
-            else:
-                draw_leaf(spec, (name,), errors)
-
-    cols = st.columns([1, 1, 4])
-    cols[0].button("Render", key="render", type="primary", on_click=start_render, width="stretch")
-    cols[1].button("Check", key="check", on_click=lambda: ss.update(show_errors=True), width="stretch")
-    if ss.get("show_errors"):
-        if errors:
-            count = sum(len(v) for v in errors.values())
-            cols[2].error(f"{count} problem(s) in the form: see the marked fields.")
-        else:
-            cols[2].success("The config is valid.")
+        draw_section(specs[name], errors)
+    st.button("Render", key="render_bottom", type="primary", on_click=start_render)
 
 
 # --- one run's page -------------------------------------------------------------------------------------------------
@@ -381,70 +488,109 @@ def do_cancel(run_dir):
         notify("warning", "No render is running in this folder.")
 
 
-def do_resume(run_dir, open_after=True):
+def do_resume(run_dir):
+    """Resume a run and open its page. Called for a button's click from inside a fragment: the caller then reruns
+    the whole app (st.rerun(scope="app")), so the page shows the run at once and starts following it."""
     try:
         R.resume(run_dir, settings)
     except (UserError, OSError) as error:
         notify("error", f"Not resumed: {error}")
         return
-    if open_after:
-        open_run(run_name(settings, run_dir))
+    open_run(run_name(settings, run_dir))
 
 
-def draw_progress(run_dir, first_state):
+def eta_text(metrics, state):
+    if state not in R.ACTIVE_STATES and state != "interrupted":
+        return "—"
+    if metrics["eta_seconds"] is None:
+        return "estimating…"
+    text = R.format_seconds(metrics["eta_seconds"])
+    return f"at least {text}" if metrics["eta_untimed"] else text
+
+
+def stage_rows(stages, steps):
+    return [{"stage": L.stage_title(s["name"], steps), "done": s["done"], "of": s["total"],
+             "progress": s["done"] / s["total"] if s["total"] else 1.0,
+             "on disk (MB)": round(s["bytes"] / 1e6, 2), "stage id": s["name"]} for s in stages]
+
+
+def draw_frames(run_dir, frames):
+    """The newest finished frame beside the source frame it was made from, and a scrubber over finished frames."""
+    if not frames:
+        return
+    newest = frames[-1]
+    index = newest
+    if len(frames) > 1:
+        follow = st.toggle("Follow the newest frame", value=True, key=f"follow:{run_dir.name}")
+        if not follow:
+            index = st.slider("Finished frame", frames[0], newest, value=newest, key=f"scrub:{run_dir.name}")
+            index = max((f for f in frames if f <= index), default=frames[0])  # the nearest finished one
+    result_col, source_col = st.columns(2)
+    for column, file, caption in (
+            (result_col, R.output_frame_file(run_dir, index), f"result, frame {index}"),
+            (source_col, R.source_frame_file(run_dir, index), f"source, frame {index}")):
+        image = R.read_frame(file) if file else None
+        if image is not None:
+            column.image(image, caption=caption, width=min(640, image.shape[1]))  # small frames at their size
+        else:
+            column.caption(f"{caption}: no longer on disk")
+
+
+def draw_progress(run_dir, refreshing):
     report = R.read_progress(run_dir)
     state = report["state"]
+    if (state in R.ACTIVE_STATES) != refreshing:
+        # The run started (Resume) or stopped since this fragment was set up: redraw the whole page, which decides
+        # again whether to keep refreshing.
+        st.rerun(scope="app")
     metrics = report["metrics"]
+    steps = L.denoising_steps([s["name"] for s in report["stages"]])
     st.markdown(f"### {STATE_ICONS.get(state, '')} {report['name']}: **{state}**")
     if report["message"] and state in ("failed", "interrupted"):
-        (st.error if state == "failed" else st.warning)(report["message"])
+        (st.error if state == "failed" else st.info)(report["message"])
     total, done = report["total"], report["done"]
-    st.progress(done / total if total else 0.0, text=f"{done} / {total} units")
+    current = metrics["current_stage"]
+    now = L.stage_title(current, steps) if current else ("done" if state == "complete" else "—")
+    st.progress(done / total if total else 0.0, text=f"{done} of {total} work units · {now}")
     cols = st.columns(4)
-    cols[0].metric("frames/s", f"{metrics['fps']:.2f}" if metrics["fps"] else "—",
-                   help="output frames per second of work, end to end (estimated from the finished units)")
     rate = metrics["stage_rate"]
-    cols[1].metric("current stage", metrics["current_stage"] or "—",
-                   help=f"{rate:.2f} units/s" if rate else None)
-    cols[2].metric("ETA", R.format_seconds(metrics["eta_seconds"]) if state in R.ACTIVE_STATES or
-                   state == "interrupted" else "—")
-    cols[3].metric("elapsed (work)", R.format_seconds(metrics["elapsed_seconds"]))
+    cols[0].metric("Now", now, help=(f"{rate:.2f} units/s" if rate else None))
+    cols[1].metric("Time left", eta_text(metrics, state),
+                   help="From the measured speed of each stage; 'at least' while some stages are not timed yet")
+    cols[2].metric("Speed", f"{metrics['fps']:.2f} frames/s" if metrics["fps"] else "—",
+                   help="output frames per second of work, end to end (estimated from the finished units)")
+    cols[3].metric("Time worked", R.format_seconds(metrics["elapsed_seconds"]))
 
     if state in R.ACTIVE_STATES:
-        st.button("Cancel", key="cancel", on_click=do_cancel, args=(run_dir,),
-                  help="stop after the current unit; Resume continues where it stopped")
-    elif state in ("interrupted", "failed"):
-        st.button("Resume", key="resume", type="primary", on_click=do_resume, args=(run_dir,))
+        if st.button("Cancel", key="cancel", help="stop after the current unit; Resume continues where it stopped"):
+            do_cancel(run_dir)
+            st.rerun(scope="app")
+    elif state in ("interrupted", "failed") and st.button("Resume", key="resume", type="primary",
+                                                          help="continue where it stopped"):
+        do_resume(run_dir)
+        st.rerun(scope="app")
 
-    left, right = st.columns([2, 1])
-    with left:
-        if report["stages"]:
-            rows = [{"stage": s["name"], "done": s["done"], "total": s["total"],
-                     "progress": s["done"] / s["total"] if s["total"] else 1.0,
-                     "MB": round(s["bytes"] / 1e6, 2), "complete": "✔" if s["complete"] else ""}
-                    for s in report["stages"]]
-            st.dataframe(rows, hide_index=True, width="stretch", column_config={
-                "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0)})
-        else:
-            st.info("Waiting for the render to plan its stages…" if state in R.ACTIVE_STATES else "No stages yet.")
-    with right:
-        if report["frame"]:
-            st.image(report["frame"], caption="newest finished frame", width="stretch")
+    draw_frames(run_dir, report["frames"])
+    if report["stages"]:
+        rows = stage_rows(report["stages"], steps)
+        st.dataframe(rows, hide_index=True, width="stretch", height=38 + 35 * len(rows), column_config={
+            "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0)})
+    else:
+        st.info("Waiting for the render to plan its stages…" if state in R.ACTIVE_STATES else "No stages yet.")
     if report["video"]:
         st.subheader("Result")
         video_path = Path(report["video"])
         player, side = st.columns([2, 1])
         player.video(str(video_path))
-        side.download_button("Download video.mp4", video_path.read_bytes(), file_name=f"{report['name']}.mp4",
+        # A deferred download: the file is read when the button is pressed, not into memory on every rerun.
+        side.download_button("Download video.mp4", lambda: video_path.open("rb"), file_name=f"{report['name']}.mp4",
                              mime="video/mp4", key="download_video", type="primary")
         side.caption(f"{video_path} · {video_path.stat().st_size / 1e6:.2f} MB")
-    with st.expander("log", expanded=state in ("failed",)):
+    with st.expander("Log"):
         st.code(report["log"] or "(no render.log yet)", language=None)
         if report["process_log"]:
             st.caption("process output")
             st.code(report["process_log"], language=None)
-    if first_state in R.ACTIVE_STATES and state not in R.ACTIVE_STATES:
-        st.rerun()  # finished or stopped: redraw the whole page (no more refreshing)
 
 
 def draw_run(name):
@@ -459,12 +605,11 @@ def draw_run(name):
     if not run_dir.is_dir():
         st.error(f"There is no run folder {name!r} under {settings.output}.")
         return
-    first_state = R.read_progress(run_dir)["state"]
-    refresh = REFRESH_SECONDS if first_state in R.ACTIVE_STATES else None
+    refreshing = R.read_progress(run_dir)["state"] in R.ACTIVE_STATES
 
-    @st.fragment(run_every=refresh)
+    @st.fragment(run_every=REFRESH_SECONDS if refreshing else None)
     def live():
-        draw_progress(run_dir, first_state)
+        draw_progress(run_dir, refreshing)
 
     live()
 
@@ -475,26 +620,30 @@ def draw_runs_list(current):
     with st.sidebar:
         st.header("Runs")
         st.caption(f"under {settings.output}")
-        runs = R.list_runs(settings)
-        active = any(report["state"] in R.ACTIVE_STATES for report in runs)
+        refreshing = any(report["state"] in R.ACTIVE_STATES for report in R.list_runs(settings))
 
-        @st.fragment(run_every=REFRESH_SECONDS * 2 if active else None)
+        @st.fragment(run_every=REFRESH_SECONDS if refreshing else None)
         def runs_list():
             reports = R.list_runs(settings)
+            if any(report["state"] in R.ACTIVE_STATES for report in reports) != refreshing:
+                st.rerun(scope="app")  # a render started or stopped: set the refreshing up again
             if not reports:
                 st.caption("No runs yet.")
             for report in reports:
                 name = report["name"]
                 box = st.container(border=True)
                 marker = " (open)" if name == current else ""
-                progress = f" · {report['done']}/{report['total']}" if report.get("total") else ""
+                progress = f" · {report['done']} of {report['total']}" if report.get("total") else ""
                 box.markdown(f"{STATE_ICONS.get(report['state'], '')} **{name}**{marker}  \n"
                              f"{report['state']}{progress}")
                 cols = box.columns(2)
-                cols[0].button("Open", key=f"open:{name}", on_click=open_run, args=(name,), width="stretch")
-                if report["state"] in ("interrupted", "failed"):
-                    cols[1].button("Resume", key=f"resume:{name}", on_click=do_resume,
-                                   args=(settings.output / name,), width="stretch")
+                if cols[0].button("Open", key=f"open:{name}", width="stretch"):
+                    open_run(name)
+                    st.rerun(scope="app")  # a click reruns only this fragment: redraw the page for the run
+                resumable = report["state"] in ("interrupted", "failed")
+                if resumable and cols[1].button("Resume", key=f"resume:{name}", width="stretch"):
+                    do_resume(settings.output / name)
+                    st.rerun(scope="app")
 
         runs_list()
         with st.expander("Folders"):

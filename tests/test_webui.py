@@ -137,8 +137,21 @@ def test_progress_metrics_rate_eta_and_pauses():
     assert metrics["current_stage"] == "denoise.000.step"
     assert metrics["stage_rate"] == pytest.approx(0.5)
     assert metrics["elapsed_seconds"] < 20
-    assert metrics["eta_seconds"] > 6 * 2.0  # six denoise units left at 2 s, plus the decodes
-    assert metrics["fps"] > 0
+    # six denoise units left at 2 s; vae_decode has not been timed, so the page says "at least"
+    assert metrics["eta_seconds"] == pytest.approx(6 * 2.0)
+    assert metrics["eta_untimed"] == ["vae_decode"]
+    assert metrics["fps"] is None  # the end-to-end speed needs every stage timed
+
+    # before the current stage has finished two units there is no ETA: fast decodes say nothing about denoising
+    units = [u for u in units if u[0] == "decode"] + units[10:11]
+    metrics = R.progress_metrics(stages, units, now=t0 + 7210)
+    assert metrics["eta_seconds"] is None
+    # a later denoising step is timed by the step before it (same family)
+    stages = [{"name": "denoise.000.step", "done": 10, "total": 10, "complete": True},
+              {"name": "denoise.001.step", "done": 0, "total": 10, "complete": False}]
+    units = [("denoise.000.step", f"{i}", "", t0 + i * 3.0) for i in range(10)]
+    metrics = R.progress_metrics(stages, units)
+    assert metrics["eta_seconds"] == pytest.approx(30.0) and metrics["eta_untimed"] == []
 
 
 def test_runs_list_and_progress_of_a_folder_without_a_render(settings):
@@ -218,3 +231,116 @@ def test_every_path_field_of_the_schema_is_confined_as_the_render_resolves_it(se
     assert problems == {}
     assert data["data"]["input_frames"]["video_file"] == str((settings.videos[0] / "clip.mp4").resolve())
     assert data["data"]["output_folder"] == str(run)
+
+
+def test_stage_titles_say_what_each_stage_does():
+    from diffsynth.webui.labels import denoising_steps, field_help, field_label, is_basic, stage_title
+    names = ["decode", "crop", "annotate.0.tile", "annotate.1.canny", "prompts", "latents", "denoise.000.windows",
+             "denoise.000.step", "denoise.001.windows", "smooth.001.x0", "smooth.001.blend", "denoise.001.step",
+             "vae_decode", "smooth.final", "encode"]
+    steps = denoising_steps(names)
+    assert steps == 2
+    assert stage_title("denoise.000.windows", steps) == "Denoising, step 1 of 2"
+    assert stage_title("denoise.001.step", steps) == "Denoising, step 2 of 2: blending the windows"
+    assert stage_title("annotate.1.canny") == "Tracing edges for guide 2"
+    assert stage_title("smooth.001.blend", steps) == "Smoothing after step 2 of 2"
+    titles = [stage_title(name, steps) for name in names]
+    assert not any("." in title for title in titles), titles  # no internal stage ids left
+    assert len(set(titles)) == len(titles)
+    # fields: a plain label, the config key in the help, everyday fields open and the rest folded
+    assert field_label(("pipeline", "pipeline_inputs", "cfg_scale"), "cfg scale") == "Prompt strength"
+    assert "`models.controlnet_units.0.scale`" in field_help(("models", "controlnet_units", 0, "scale"), "weight")
+    assert is_basic(("models", "controlnet_units", 3, "scale"))
+    assert not is_basic(("pipeline", "pipeline_inputs", "animatediff_stride"))
+    assert not is_basic(("pipeline", "some_future_field"))  # unknown fields fold, they are never lost
+
+
+def test_paths_outside_say_where_to_put_the_file(settings):
+    with pytest.raises(UserError) as error:
+        confine("/elsewhere/clip.mp4", settings, "videos")
+    assert f"copy it into {settings.videos[0]} or add that folder to DIFFSYNTH_WEBUI_VIDEOS" in str(error.value)
+    with pytest.raises(UserError, match="DIFFSYNTH_WEBUI_MODELS"):
+        confine("/elsewhere/sd.safetensors", settings, "models")
+
+
+def test_an_uploaded_video_is_saved_in_the_videos_folder_never_overwriting(settings):
+    from diffsynth.webui.paths import save_upload
+    first = save_upload("../../My clip (1).MP4", b"one", settings)
+    assert first == settings.videos[0] / "My_clip_1.mp4" and first.read_bytes() == b"one"
+    assert save_upload("My clip (1).MP4", b"one", settings) == first  # the same upload again: reused
+    second = save_upload("My clip (1).MP4", b"two", settings)
+    assert second == settings.videos[0] / "My_clip_1-1.mp4" and first.read_bytes() == b"one"
+    with pytest.raises(UserError, match="not a video file"):
+        save_upload("notes.txt", b"x", settings)
+    with pytest.raises(UserError, match=f"larger than 1 MB; copy it into {settings.videos[0]}"):
+        save_upload("big.mp4", b"x" * (1024 * 1024 + 1), settings, limit_mb=1)
+    assert sorted(p.name for p in settings.videos[0].iterdir()) == ["My_clip_1-1.mp4", "My_clip_1.mp4"]
+
+
+def test_videos_folder_is_created_on_first_start(tmp_path):
+    from diffsynth.webui.settings import ensure_folders
+    settings = Settings(models=[tmp_path / "m"], videos=[tmp_path / "videos", tmp_path / "more"],
+                        configs=[tmp_path / "c"], output=tmp_path / "runs")
+    ensure_folders(settings)
+    assert (tmp_path / "videos").is_dir() and (tmp_path / "runs").is_dir()
+
+
+def test_check_inputs_refuses_bad_video_and_models_before_a_run_folder_exists(demo_assets, settings):
+    """The web UI's Render checks the source and the model files with the CLI's own functions, before
+    save_run_config creates the run folder."""
+    from helpers import small_config
+    run_dir = settings.output / "never"
+    config = parse_config(small_config(demo_assets, run_dir))
+    R.check_inputs(config)  # the demo is fine
+    broken = small_config(demo_assets, run_dir)
+    (settings.videos[0] / "not-a-video.mp4").write_text("hello")
+    broken["data"]["input_frames"]["video_file"] = str(settings.videos[0] / "not-a-video.mp4")
+    with pytest.raises(UserError, match="cannot read .*not-a-video.mp4 as a video"):
+        R.check_inputs(parse_config(broken))
+    broken = small_config(demo_assets, run_dir)
+    broken["models"]["model_list"] = [str(demo_assets / "models" / "motion_adapter")]
+    with pytest.raises(UserError, match="has no"):
+        R.check_inputs(parse_config(broken))
+    broken = small_config(demo_assets, run_dir)
+    broken["data"]["input_frames"]["start_frame_id"] = 400
+    broken["data"]["input_frames"]["end_frame_id"] = 500
+    with pytest.raises(UserError, match="holds no frames"):
+        R.check_inputs(parse_config(broken))
+    assert not run_dir.exists()
+
+
+def make_manifest(run_dir, stages, units, outcome=None):
+    """A manifest.sqlite with the render's schema (diffsynth.cache), filled with the given rows."""
+    from diffsynth.cache import RunCache
+    cache = RunCache(run_dir)
+    for position, (name, total) in enumerate(stages):
+        cache.db.execute("INSERT INTO stages (name, fingerprint, total, position) VALUES (?, 'f', ?, ?)",
+                         (name, total, position))
+    cache.db.executemany("INSERT INTO units VALUES (?, ?, ?, ?, 'c', ?)", units)
+    if outcome:
+        cache.set_value("outcome", outcome)
+    cache.close()
+
+
+def test_progress_is_read_from_the_manifest_without_reading_every_row(settings):
+    run = settings.output / "long"
+    t0 = 1_000_000.0
+    units = [("decode", f"{i:06d}.safetensors", f"cache/decode/{i:06d}.safetensors", 100, t0 + i * 0.01)
+             for i in range(5000)]
+    units += [("vae_decode", f"{i:06d}.safetensors", f"cache/vae_decode/{i:06d}.safetensors", 100, t0 + 1000 + i)
+              for i in range(10)]
+    units += [("vae_decode", f"{i:06d}.safetensors", f"cache/vae_decode/{i:06d}.safetensors", -1, t0 + 1000 + i)
+              for i in range(10, 12)]  # released: done, but its frame is gone
+    make_manifest(run, [("decode", 5000), ("vae_decode", 5000), ("encode", 5001)], units,
+                  outcome={"state": "interrupted", "message": "interrupted: stopped"})
+    manifest = R.read_manifest(run)
+    assert len(manifest["units"]) == R.TIMING_SAMPLE + 12  # the newest finishes of each stage, not 5012 rows
+    assert [s["done"] for s in manifest["stages"]] == [5000, 12, 0]
+    assert manifest["stages"][0]["bytes"] == 500_000 and manifest["stages"][0]["complete"]
+    assert manifest["frames"] == list(range(10))  # frames still on disk, in order
+    assert manifest["elapsed"] == pytest.approx(4999 * 0.01 + 11 * 1.0, rel=1e-6)  # the 950 s pause left out
+    report = R.read_progress(run)
+    assert report["state"] == "interrupted" and report["message"] == "interrupted: stopped"
+    assert report["done"] == 5012 and report["total"] == 15001
+    assert report["metrics"]["current_stage"] == "vae_decode"
+    assert report["metrics"]["stage_rate"] == pytest.approx(1.0)

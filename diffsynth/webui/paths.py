@@ -1,5 +1,7 @@
 """Path confinement and the file pickers' listings."""
 
+import os
+import re
 from pathlib import Path
 
 from ..errors import UserError
@@ -35,7 +37,14 @@ def confine(path, settings, kind, base=None):
         if is_inside(resolved, Path(root).resolve()):
             return resolved
     allowed = ", ".join(str(r) for r in roots)
-    raise UserError(f"{text} is outside the allowed {kind} folders ({allowed})")
+    raise UserError(f"{text} is outside the allowed {kind} folders ({allowed}); {what_to_do(kind, roots)}")
+
+
+def what_to_do(kind, roots):
+    """The fix for a path outside the page's folders, in words: where to put the file, or which setting to change."""
+    if kind == "output":
+        return f"runs are made under {roots[0]}: give a run name, or set DIFFSYNTH_WEBUI_OUTPUT"
+    return f"copy it into {roots[0]} or add that folder to DIFFSYNTH_WEBUI_{kind.upper()}"
 
 
 def _walk(root, max_depth, keep, descend=lambda p: True):
@@ -101,3 +110,37 @@ def run_folder(settings, name):
 
 def run_name(settings, run_dir):
     return str(Path(run_dir).resolve().relative_to(settings.output))
+
+
+UPLOAD_LIMIT_MB = 2048  # keep in step with server.maxUploadSize in .streamlit/config.toml
+
+
+def safe_file_name(name):
+    """An uploaded file's name made safe to save: its last component, letters, digits, '-', '_', '.' only."""
+    stem, suffix = Path(Path(str(name)).name).stem, Path(str(name)).suffix.lower()
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "video"
+    return stem[:100] + suffix
+
+
+def save_upload(name, data, settings, limit_mb=UPLOAD_LIMIT_MB):
+    """Save an uploaded video (bytes) into the first videos folder and return its path. A file of the same name
+    and contents is reused; another file of that name gets a numbered name, so an upload never overwrites."""
+    suffix = Path(str(name)).suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise UserError(f"{name} is not a video file this page takes ({', '.join(sorted(VIDEO_SUFFIXES))})")
+    if len(data) > limit_mb * 1024 * 1024:
+        raise UserError(f"{name} is larger than {limit_mb} MB; copy it into {settings.videos[0]} instead")
+    folder = Path(settings.videos[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    file_name = safe_file_name(name)
+    target = folder / file_name
+    number = 1
+    while target.exists():
+        if target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data:
+            return target
+        target = folder / f"{Path(file_name).stem}-{number}{suffix}"
+        number += 1
+    temporary = target.with_name(f".{target.name}.part")
+    temporary.write_bytes(data)
+    os.replace(temporary, target)
+    return target

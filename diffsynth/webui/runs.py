@@ -7,7 +7,9 @@ finished frame), render.log (the log tail), and webui-process.log (the process's
 before the render's log exists). A run folder is identified by its name under the output root.
 """
 
+import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -15,19 +17,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from ..cache import RunCache, is_locked
 from ..demo import REPO_ROOT
 from ..errors import UserError
-from ..status import run_status
 
 CONFIG_NAME = "config.yaml"        # what the page saved before launching
 RESOLVED_CONFIG = "config.json"    # what the render wrote (absolute paths); Resume prefers it
 PROCESS_LOG = "webui-process.log"
 PID_FILE = "webui.pid"
 ACTIVE_STATES = ("starting", "running")
-FRAME_STAGES = ("encode", "vae_decode")
 
 _children = {}  # pid → Popen, so finished children are reaped (no zombies that look alive)
 
@@ -81,6 +82,21 @@ def render_pid(run_dir):
     if launched and launched != lock_pid and _pid_alive(launched):
         return launched
     return None
+
+
+def check_inputs(config):
+    """The checks a render makes first, made before the page creates the run folder, so a mistake in the form
+    leaves no 'failed' run behind: every source video or image folder opens and holds frames in the chosen range,
+    and every model file is what its place in the config needs (the CLI's own functions). UserError, one line."""
+    from ..models.loader import classify_model_list
+    from ..pipeline import frame_range
+    from ..video import probe
+
+    for frames in [config.data.input_frames, *(config.data.controlnet_frames or [])]:
+        frame_range(frames, probe(frames))
+    models = config.models
+    classify_model_list(models.model_list, [unit.model_path for unit in models.controlnet_units],
+                        models.lora_alphas, models.textual_inversion_folder)
 
 
 def save_run_config(config, run_dir):
@@ -167,23 +183,70 @@ def tail(path, lines=30, max_bytes=64 * 1024):
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _units(run_dir):
-    """(stage, key, path, finished) rows of the manifest, oldest first."""
+def _connect_read_only(run_dir):
+    """A read-only connection to the run's manifest (never a write: the page must not contend with the render)."""
+    return sqlite3.connect(f"file:{Path(run_dir) / 'manifest.sqlite'}?mode=ro", uri=True, timeout=5)
+
+
+# Finish times kept per stage for the rates: enough for a steady estimate, bounded however long the video is, so a
+# refresh costs the same on a 48-frame clip and on a 10,000-frame film.
+TIMING_SAMPLE = 64
+
+
+def read_manifest(run_dir):
+    """What the page needs from manifest.sqlite, in a few aggregate queries: per stage done/total/bytes, the
+    render's recorded outcome, the newest TIMING_SAMPLE finish times per stage (for rates), the seconds of work so
+    far and the newest finished frame's index. None when there is no readable manifest."""
+    if not (Path(run_dir) / "manifest.sqlite").is_file():
+        return None
     try:
-        db = sqlite3.connect(f"file:{Path(run_dir) / 'manifest.sqlite'}?mode=ro", uri=True, timeout=5)
+        db = _connect_read_only(run_dir)
     except sqlite3.Error:
-        return []
+        return None
     try:
-        return db.execute("SELECT stage, key, path, finished FROM units ORDER BY finished").fetchall()
-    except sqlite3.Error:
-        return []
+        counts = {stage: (done, size) for stage, done, size in db.execute(
+            "SELECT stage, COUNT(*), COALESCE(SUM(CASE WHEN size > 0 THEN size END), 0) FROM units GROUP BY stage")}
+        stages = []
+        for name, total, retired in db.execute("SELECT name, total, retired FROM stages ORDER BY position"):
+            done, size = counts.get(name, (0, 0))
+            stages.append({"name": name, "done": done, "total": total, "complete": done >= total,
+                           "retired": bool(retired), "bytes": 0 if retired else size})
+        row = db.execute("SELECT value FROM run WHERE key = 'outcome'").fetchone()
+        outcome = json.loads(row[0]) if row else {}
+        units = db.execute(
+            "SELECT stage, key, path, finished FROM (SELECT stage, key, path, finished, ROW_NUMBER() OVER "
+            "(PARTITION BY stage ORDER BY finished DESC) AS newest FROM units) WHERE newest <= ? ORDER BY finished",
+            (TIMING_SAMPLE,)).fetchall()
+        # Seconds of work: the gaps between consecutive finishes, leaving out pauses (interrupted, resumed later).
+        elapsed = db.execute(
+            "SELECT COALESCE(SUM(gap), 0) FROM (SELECT finished - LAG(finished) OVER (ORDER BY finished) AS gap "
+            "FROM units) WHERE gap <= ?", (PAUSE_SECONDS,)).fetchone()[0]
+        frame_rows = db.execute(
+            "SELECT stage, key FROM units WHERE stage IN ('encode', 'vae_decode') AND size > 0").fetchall()
+    except (sqlite3.Error, ValueError):
+        return None
     finally:
         db.close()
+    return {"stages": stages, "outcome": outcome, "units": units, "elapsed": float(elapsed),
+            "frames": sorted({index for index in map(_frame_of_row, frame_rows) if index is not None})}
+
+
+def _frame_of_row(row):
+    """The output frame index a unit holds (frames/00012.png, vae_decode 000012.safetensors), or None."""
+    stage, key = row
+    if stage == "encode":
+        match = re.fullmatch(r"frames/(\d+)\.png", key)
+    else:
+        match = re.fullmatch(r"(\d+)\.safetensors", key)
+    return int(match.group(1)) if match else None
 
 
 def _family(name):
     """Stages that do the same work per unit: denoise.003.windows ~ denoise.000.windows."""
     return ".".join("#" if part.isdigit() else part for part in name.split("."))
+
+
+PAUSE_SECONDS = 60.0  # a gap between two finishes longer than this is a pause (interrupted, resumed later), not work
 
 
 def _active_seconds(times, gap=None):
@@ -194,18 +257,23 @@ def _active_seconds(times, gap=None):
     diffs = [b - a for a, b in zip(times, times[1:])]
     ordered = sorted(diffs)
     median = ordered[len(ordered) // 2]
-    limit = gap if gap is not None else max(60.0, 20 * median)
+    limit = gap if gap is not None else max(PAUSE_SECONDS, 20 * median)
     return sum(d for d in diffs if d <= limit)
 
 
-def progress_metrics(stages, units, now=None):
-    """Per-stage seconds/unit from the finish times, the current stage's rate, frames/s end to end, and the ETA."""
-    now = time.time() if now is None else now
+def progress_metrics(stages, units, now=None, elapsed_seconds=None):
+    """Per-stage seconds/unit from the finish times, the current stage's rate, frames/s end to end, and the ETA.
+
+    A stage's rate comes from its own finish times, else from a stage of the same family (denoising step 2 from
+    step 1). A stage that neither has timed is *untimed*: the ETA then covers only the timed stages (eta_untimed
+    names the rest, and the page says "at least"), and before the current stage is timed there is no ETA at all —
+    a few fast decodes say nothing about how long denoising takes."""
     by_stage = {}
     for stage, _, _, finished in units:
         by_stage.setdefault(stage, []).append(finished)
     seconds_per_unit = {}
     for name, times in by_stage.items():
+        times = sorted(times)
         if len(times) >= 2:
             active = _active_seconds(times)
             if active > 0:
@@ -214,48 +282,70 @@ def progress_metrics(stages, units, now=None):
     for name, spu in seconds_per_unit.items():
         family_spu.setdefault(_family(name), []).append(spu)
     all_times = sorted(t for times in by_stage.values() for t in times)
-    overall_spu = (_active_seconds(all_times) / (len(all_times) - 1)) if len(all_times) >= 2 else None
+    spent = _active_seconds(all_times) if elapsed_seconds is None else elapsed_seconds
 
     def estimate(name):
         if name in seconds_per_unit:
             return seconds_per_unit[name]
         family = family_spu.get(_family(name))
-        if family:
-            return sum(family) / len(family)
-        return overall_spu
+        return sum(family) / len(family) if family else None
 
     current = next((s for s in stages if not s["complete"]), None)
-    remaining = 0.0
-    known = True
-    spent = _active_seconds(all_times)
+    remaining, untimed = 0.0, []
     for stage in stages:
         left = max(0, stage["total"] - stage["done"])
         if left:
             spu = estimate(stage["name"])
             if spu is None:
-                known = False
+                untimed.append(stage["name"])
             else:
                 remaining += left * spu
     rate = None
     if current is not None and current["name"] in seconds_per_unit and seconds_per_unit[current["name"]] > 0:
         rate = 1.0 / seconds_per_unit[current["name"]]
+    if current is None:
+        eta = 0.0
+    elif current["name"] in untimed:
+        eta = None  # nothing timed yet where the render is: any number would be a guess
+    else:
+        eta = remaining
     frames = next((s["total"] for s in stages if s["name"] == "vae_decode"), None)
     fps = None
-    if frames and known and spent + remaining > 0 and len(all_times) >= 2:
+    if frames and not untimed and spent + remaining > 0 and len(all_times) >= 2:
         fps = frames / (spent + remaining)
     return {"current_stage": current["name"] if current else None, "stage_rate": rate, "fps": fps,
-            "eta_seconds": remaining if (known and current is not None) else (0.0 if current is None else None),
+            "eta_seconds": eta, "eta_untimed": untimed if eta is not None else [],
             "elapsed_seconds": spent, "last_finished": all_times[-1] if all_times else None}
 
 
-def newest_frame(run_dir, units):
-    """The newest finished output frame (an encode frame, else a vae_decode frame) that is still on disk."""
-    for stage, key, path, _ in reversed(units):
-        if stage in FRAME_STAGES and str(path).lower().endswith(".png"):
-            file = Path(run_dir) / path
-            if file.is_file():
-                return file
+def output_frame_file(run_dir, index):
+    """The file holding finished output frame `index`: the final PNG, else the decoded frame in the cache."""
+    for file in (Path(run_dir) / "frames" / f"{index:05d}.png",
+                 Path(run_dir) / "cache" / "vae_decode" / f"{index:06d}.safetensors"):
+        if file.is_file():
+            return file
     return None
+
+
+def source_frame_file(run_dir, index):
+    """The cropped source frame `index` as the render saw it (the crop stage's unit), or None once released."""
+    file = Path(run_dir) / "cache" / "crop" / f"{index:06d}.safetensors"
+    return file if file.is_file() else None
+
+
+def read_frame(file):
+    """uint8 (H, W, 3) array of a frame file (PNG or a cached frame); None if it vanished (released meanwhile).
+    For display only: no checksum check (the render checks every read it makes)."""
+    from PIL import Image
+
+    from ..cache import bytes_to_image
+    try:
+        if file.suffix == ".png":
+            with Image.open(file) as image:
+                return np.asarray(image.convert("RGB"))
+        return bytes_to_image(file.read_bytes())
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def read_progress(run_dir):
@@ -263,19 +353,23 @@ def read_progress(run_dir):
     interrupted or failed."""
     run_dir = Path(run_dir)
     report = {"run_dir": str(run_dir), "name": run_dir.name, "state": "new", "stages": [], "message": None,
-              "video": None, "frame": None, "log": "", "process_log": tail(run_dir / PROCESS_LOG, 15),
+              "video": None, "frames": [], "log": "", "process_log": tail(run_dir / PROCESS_LOG, 15),
               "pid": render_pid(run_dir), "metrics": progress_metrics([], [])}
-    if (run_dir / "manifest.sqlite").is_file():
-        try:
-            status = run_status(run_dir)
-        except (UserError, sqlite3.Error) as error:
-            status = {"state": "failed", "stages": [], "message": str(error), "video": None}
-        report.update(state=status["state"], stages=status["stages"], message=status.get("message"),
-                      video=status.get("video"))
-        units = _units(run_dir)
-        report["metrics"] = progress_metrics(report["stages"], units)
-        frame = newest_frame(run_dir, units)
-        report["frame"] = str(frame) if frame else None
+    manifest = read_manifest(run_dir)
+    if manifest is not None:
+        stages, outcome = manifest["stages"], manifest["outcome"]
+        complete = bool(stages) and all(stage["complete"] for stage in stages)
+        if is_locked(run_dir):
+            state = "running"
+        elif complete:
+            state = "complete"
+        else:  # a killed process recorded nothing after "running": that is an interruption too
+            state = "failed" if outcome.get("state") == "failed" else "interrupted"
+        report.update(state=state, stages=stages, message=outcome.get("message"), frames=manifest["frames"],
+                      video=str(run_dir / "video.mp4") if complete else None,
+                      metrics=progress_metrics(stages, manifest["units"], elapsed_seconds=manifest["elapsed"]))
+    elif (run_dir / "manifest.sqlite").is_file():
+        report.update(state="failed", message="manifest.sqlite cannot be read")
     if report["state"] != "running":
         if report["pid"] and report["state"] != "complete":
             report["state"] = "starting"  # launched, not holding the lock yet (loading, or a resume just begun)

@@ -86,3 +86,10 @@ def load_settings(environ=None):
     settings.configs = [Path(p).resolve() for p in settings.configs]
     settings.output = Path(settings.output).resolve()
     return settings
+
+
+def ensure_folders(settings):
+    """Create the first videos folder and the output root on the page's first start, so an artist has a folder to
+    copy videos into and the page's hints name a folder that exists."""
+    for folder in (settings.videos[0], settings.output):
+        Path(folder).mkdir(parents=True, exist_ok=True)
