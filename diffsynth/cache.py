@@ -211,6 +211,23 @@ class KillPoint:
 MANIFEST = "manifest.sqlite"
 
 
+def read_unit(db, run_dir, stage, key):
+    """A unit's bytes through manifest connection `db`: CorruptUnit (or ReleasedUnit) unless its file matches its
+    row."""
+    row = db.execute("SELECT path, size, checksum FROM units WHERE stage = ? AND key = ?", (stage, key)).fetchone()
+    if row is None:
+        raise CorruptUnit(stage, key, "not in the manifest")
+    if row[1] == RELEASED:
+        raise ReleasedUnit(stage, key)
+    try:
+        data = (Path(run_dir) / row[0]).read_bytes()
+    except FileNotFoundError:
+        raise CorruptUnit(stage, key, "file missing") from None
+    if len(data) != row[1] or checksum(data) != row[2]:
+        raise CorruptUnit(stage, key, "checksum mismatch")
+    return data
+
+
 def check_run_folder(run_dir):
     """A render may use a folder that does not exist yet, an empty one, or a run folder (one with our manifest).
     Anything else holds someone's files, which a render must never touch: refuse it (UserError)."""
@@ -274,6 +291,7 @@ class RunCache:
         self.db.execute("UPDATE units SET size = ? WHERE size != ? AND stage IN "
                         "(SELECT name FROM stages WHERE retired = 1)", (RELEASED, RELEASED))
         self.kill_point = KillPoint(os.environ.get("DIFFSYNTH_TEST_HANG_AT"))
+        self.prefetched = {}  # (stage, key) → bytes already read and checked by the runner's reader thread
 
     # --- locking ------------------------------------------------------------------------------------------------
     def lock(self):
@@ -410,19 +428,17 @@ class RunCache:
             self.db.execute("DELETE FROM pending_writes WHERE path = ?", (relative,))
 
     def read(self, stage, key):
-        row = self.db.execute("SELECT path, size, checksum FROM units WHERE stage = ? AND key = ?",
-                              (stage, key)).fetchone()
-        if row is None:
-            raise CorruptUnit(stage, key, "not in the manifest")
-        if row[1] == RELEASED:
-            raise ReleasedUnit(stage, key)
-        try:
-            data = (self.run_dir / row[0]).read_bytes()
-        except FileNotFoundError:
-            raise CorruptUnit(stage, key, "file missing") from None
-        if len(data) != row[1] or checksum(data) != row[2]:
-            raise CorruptUnit(stage, key, "checksum mismatch")
-        return data
+        """A unit's bytes, checked against its row. Served from `prefetched` when the runner's reader thread has
+        already read and checked them."""
+        data = self.prefetched.get((stage, key))
+        if data is not None:
+            return data
+        return read_unit(self.db, self.run_dir, stage, key)
+
+    def reader_connection(self):
+        """A second connection to the manifest, for the runner's reader thread (a connection is not shared between
+        threads)."""
+        return sqlite3.connect(self.run_dir / MANIFEST, isolation_level=None, timeout=30, check_same_thread=False)
 
     def release_units(self, stage, keys):
         """Delete the files of finished units that nothing still to be computed needs; their rows stay, marked

@@ -14,11 +14,12 @@ import logging
 import signal
 import sqlite3
 import sys
+import threading
 import time
 
 from tqdm import tqdm
 
-from .cache import CorruptUnit, storage_error
+from .cache import CorruptUnit, read_unit, storage_error
 from .errors import Interrupted
 
 log = logging.getLogger("diffsynth")
@@ -47,7 +48,66 @@ class StopFlag:
         log.warning("signal %s: stopping after the current unit", signal.Signals(signum).name)
 
 
-def run_stages(stages, cache, progress=True, stop=None, verify=False):
+class InputPrefetcher:
+    """The runner's reader thread for one stage: while the model computes unit i, it reads and checks the declared
+    inputs (`Stage.reads`) of units i+1 and i+2 from its own manifest connection; `RunCache.read` serves them from
+    memory. Holds at most two units' inputs. A read that fails here is simply left to the model's thread, which
+    reads it again and reports it as usual."""
+
+    AHEAD = 2
+
+    def __init__(self, stage, pending, cache):
+        self.stage, self.pending, self.cache = stage, pending, cache
+        self.done = -1  # index in `pending` of the last unit the model's thread finished
+        self.wake = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._read_ahead, name=f"prefetch {stage.name}", daemon=True)
+        self.thread.start()
+
+    def _inputs(self, index):
+        if index >= len(self.pending):
+            return []
+        return [(upstream.name, key) for upstream, key in self.stage.reads(self.pending[index])]
+
+    def _read_ahead(self):
+        db = self.cache.reader_connection()
+        try:
+            for index in range(len(self.pending)):
+                with self.wake:
+                    while not self.stopped and index > self.done + self.AHEAD:
+                        self.wake.wait()
+                    if self.stopped:
+                        return
+                for unit in self._inputs(index):
+                    if self.stopped:
+                        return
+                    if unit not in self.cache.prefetched:
+                        try:
+                            self.cache.prefetched[unit] = read_unit(db, self.cache.run_dir, *unit)
+                        except (CorruptUnit, OSError):
+                            pass
+        finally:
+            db.close()
+
+    def finished(self, index):
+        """Unit `index` of `pending` is done: forget inputs only it needed, and let the thread read further."""
+        wanted = {unit for ahead in range(1, self.AHEAD + 1) for unit in self._inputs(index + ahead)}
+        for unit in list(self.cache.prefetched):
+            if unit not in wanted:
+                self.cache.prefetched.pop(unit, None)
+        with self.wake:
+            self.done = index
+            self.wake.notify()
+
+    def stop(self):
+        with self.wake:
+            self.stopped = True
+            self.wake.notify()
+        self.thread.join()
+        self.cache.prefetched.clear()
+
+
+def run_stages(stages, cache, progress=True, stop=None, verify=False, io_threads=True):
     """Run every stage to completion (or until a stop is requested). `stop`: a StopFlag the caller installed
     earlier (so a signal during its own start-up counts too); by default the runner installs one itself.
     Start-up checks every kept unit's size, and the checksums of the final outputs; `verify` checks every kept
@@ -55,7 +115,7 @@ def run_stages(stages, cache, progress=True, stop=None, verify=False):
     Returns a RunReport: how many units were computed and how many were reused from the cache."""
     if stop is None:
         with StopFlag() as stop:
-            return run_stages(stages, cache, progress, stop, verify)
+            return run_stages(stages, cache, progress, stop, verify, io_threads)
     names = [stage.name for stage in stages]
     assert len(set(names)) == len(names), f"duplicate stage names in {names}"
     cache.forget_other_stages(set(names))
@@ -78,7 +138,7 @@ def run_stages(stages, cache, progress=True, stop=None, verify=False):
     report.announce(progress)
     if stop.stop_requested:
         raise Interrupted("stopped before the first unit; run the same command again to resume")
-    while not _walk(stages, keys, cache, stop, progress, report):
+    while not _walk(stages, keys, cache, stop, progress, report, io_threads):
         pass
     report.finish()
     return report
@@ -154,14 +214,14 @@ def _recompute_released_inputs(stages, keys, cache):
     return sum(len(forced_keys) for forced_keys in forced.values())
 
 
-def _walk(stages, keys, cache, stop, progress, report):
+def _walk(stages, keys, cache, stop, progress, report, io_threads):
     """One pass over the stages; False when it must start again (a corrupt input was found)."""
     _recompute_released_inputs(stages, keys, cache)
     for stage in stages:
         pending = _pending(stage, keys, cache)
         if pending:
             try:
-                _run_stage(stage, pending, len(keys[stage.name]), cache, stop, progress, report)
+                _run_stage(stage, pending, len(keys[stage.name]), cache, stop, progress, report, io_threads)
             except CorruptUnit as corrupt:
                 log.warning(str(corrupt))
                 cache.forget_unit(corrupt.stage, corrupt.key)
@@ -170,15 +230,18 @@ def _walk(stages, keys, cache, stop, progress, report):
     return True
 
 
-def _run_stage(stage, pending, total, cache, stop, progress, report):
+def _run_stage(stage, pending, total, cache, stop, progress, report, io_threads):
     started = time.time()
+    prefetcher = InputPrefetcher(stage, pending, cache) if io_threads and stage.prefetch_inputs else None
     log.info("stage %s: %d of %d units to do", stage.name, len(pending), total)
     reused = total - len(pending)
     description = f"{stage.name} ({reused} reused)" if reused else stage.name
     bar = tqdm(total=total, initial=reused, desc=description, unit="unit", disable=not progress,
                dynamic_ncols=True, leave=True)
     try:
-        for key, data, path in stage.run(pending):
+        for index, (key, data, path) in enumerate(stage.run(pending)):
+            if prefetcher:
+                prefetcher.finished(index)
             try:
                 cache.write(stage.name, key, data, path)
             except (OSError, sqlite3.OperationalError) as error:
@@ -188,6 +251,8 @@ def _run_stage(stage, pending, total, cache, stop, progress, report):
             if stop.stop_requested:
                 raise Interrupted(f"stopped after {stage.name}/{key}; run the same command again to resume")
     finally:
+        if prefetcher:
+            prefetcher.stop()
         bar.close()
     log.info("stage %s: done in %.1f s", stage.name, time.time() - started)
 

@@ -127,18 +127,26 @@ def read_image(path):
         raise UserError(f"cannot read image {path}: {error}") from None
 
 
-def encoder_name():
-    """NVENC when this FFmpeg build has it and a GPU answers, else libx264."""
-    if "h264_nvenc" in av.codec.codecs_available:
-        try:
-            probe_context = av.CodecContext.create("h264_nvenc", "w")
-            probe_context.width, probe_context.height, probe_context.pix_fmt = 64, 64, "yuv420p"
-            probe_context.time_base = Fraction(1, 30)
-            probe_context.open()
-            return "h264_nvenc"
-        except Exception:  # noqa: BLE001 - no driver / no GPU: fall back, whatever FFmpeg says
-            pass
-    return "libx264"
+def nvenc_options(crf):
+    """NVENC's rate control for a quality target: constant quality (VBR with cq = the CRF), no bitrate cap."""
+    return {"rc": "vbr", "cq": str(crf), "b": "0", "preset": "p5"}
+
+
+def encoder_name(width, height, crf=17):
+    """NVENC when this FFmpeg build has it and a GPU opens it at the real frame size and rate control (NVENC has
+    a minimum frame size, so a small probe would always fail), else libx264. Logged by the encode stage."""
+    if "h264_nvenc" not in av.codec.codecs_available:
+        return "libx264"
+    try:
+        probe_context = av.CodecContext.create("h264_nvenc", "w")
+        probe_context.width, probe_context.height, probe_context.pix_fmt = width, height, "yuv420p"
+        probe_context.time_base = Fraction(1, 30)
+        probe_context.options = nvenc_options(crf)
+        probe_context.open()
+        probe_context.close()
+        return "h264_nvenc"
+    except (av.FFmpegError, OSError, ValueError):  # no driver, no GPU, or a size this GPU's NVENC refuses
+        return "libx264"
 
 
 def encode_video(path, frames, fps, crf, width, height, audio=None, codec="libx264"):
@@ -154,7 +162,7 @@ def encode_video(path, frames, fps, crf, width, height, audio=None, codec="libx2
             video.options = {"crf": str(crf), "preset": "medium", "x264-params": "mbtree=0"}
             video.thread_count = 1  # one thread: identical bytes whatever the machine's core count
         else:
-            video.options = {"cq": str(crf)}
+            video.options = nvenc_options(crf)
         audio_stream = None
         if audio:
             audio_stream = _open_audio(*audio, output)

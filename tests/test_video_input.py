@@ -105,3 +105,35 @@ def test_encoding_the_same_frames_again_gives_the_same_bytes(tmp_path):
         encode_video(tmp_path / f"{attempt}.mp4", iter(frames), Fraction(12), 17, 64, 64)
         digests.add(hashlib.sha256((tmp_path / f"{attempt}.mp4").read_bytes()).hexdigest())
     assert len(digests) == 1
+
+
+def test_nvenc_is_probed_at_the_real_size_with_rate_control_and_the_encoder_is_in_the_fingerprint(monkeypatch):
+    """NVENC refuses frames below its minimum size: a probe at a small size always failed and the render silently
+    fell back. The probe opens the encoder at the frame size it will encode, with the quality target."""
+    import types
+
+    import diffsynth.video as video
+    from diffsynth.stages.encode import EncodeStage
+    opened = []
+
+    class FakeNvenc:
+        def open(self):
+            opened.append((self.width, self.height, dict(self.options)))
+            if self.width < 145 or self.height < 49:  # NVENC's minimum frame size
+                raise av.FFmpegError(22, "Frame Dimension less than the minimum supported value")
+
+        def close(self):
+            pass
+    monkeypatch.setattr(video.av.codec, "codecs_available", {"h264_nvenc", "libx264"})
+    monkeypatch.setattr(video.av.CodecContext, "create", lambda name, mode: FakeNvenc())
+    assert video.encoder_name(64, 64, 20) == "libx264"
+    assert video.encoder_name(1280, 768, 20) == "h264_nvenc"
+    assert opened[-1][:2] == (1280, 768) and opened[-1][2]["cq"] == "20" and opened[-1][2]["rc"] == "vbr"
+
+    ctx = types.SimpleNamespace()
+    final = types.SimpleNamespace(fingerprint="f", frame_keys=lambda: [])
+    fingerprints = {}
+    for codec in ("h264_nvenc", "libx264"):
+        monkeypatch.setattr("diffsynth.stages.encode.encoder_name", lambda w, h, crf, codec=codec: codec)
+        fingerprints[codec] = EncodeStage(ctx, final, Fraction(12), None, (64, 64), 17).fingerprint
+    assert fingerprints["h264_nvenc"] != fingerprints["libx264"]

@@ -13,6 +13,7 @@ class Stage:
     name = "stage"
     version = "1"          # bump when the stage's code changes what it writes
     ephemeral = False      # files deleted once every stage reading them is complete (denoising intermediates)
+    prefetch_inputs = True  # the runner's reader thread loads the next units' declared reads while this one computes
 
     def __init__(self, ctx, inputs=()):
         self.ctx = ctx

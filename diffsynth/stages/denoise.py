@@ -9,7 +9,7 @@ latents and one step's ε, however many steps there are.
 """
 
 import math
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -54,6 +54,7 @@ class DenoiseWindowsStage(Stage):
         self.name = f"denoise.{step_index:03d}.windows"
         self.step_index = step_index
         self.latents, self.prompts, self.control_sources = latents, prompts, control_sources
+        self.num_frames = num_frames
         self.windows = window_plan(ctx, num_frames)
         self.timestep = denoising_schedule(ctx)[0][step_index]
 
@@ -74,55 +75,44 @@ class DenoiseWindowsStage(Stage):
     def reads(self, key):
         start, end = self.windows[int(key[1:].split(".")[0])]
         frames = [frame_key(i) for i in range(start, end)]
-        return ([(self.prompts, "embeddings.safetensors")] + [(self.latents, k) for k in frames]
-                + [(source, k) for source in self.control_sources for k in frames])
+        control_frames = [frame_key(i) for i in self.residuals.frames_computed_with(start, end)]
+        return ([(self.prompts, "embeddings.safetensors")] + [(self.latents, k) for k in control_frames]
+                + [(source, k) for source in self.control_sources for k in control_frames]
+                + [(self.latents, k) for k in frames if k not in control_frames])
 
-    def _window_inputs(self, start, end):
-        latents = torch.stack([self.read_tensors(self.latents, frame_key(i))["latent"]
-                               for i in range(start, end)])
-        conditions = [torch.cat([image_to_vae_input(self.read_image(source, frame_key(i)), "cpu")
-                                 for i in range(start, end)]).add(1).div(2)  # RGB in [0, 1]
-                      for source in self.control_sources]
-        return latents, conditions
+    @cached_property
+    def residuals(self):
+        return ControlNetResiduals(self, self.num_frames)
+
+    def read_latents(self, indices):
+        return torch.stack([self.read_tensors(self.latents, frame_key(i))["latent"] for i in indices])
+
+    def read_conditions(self, indices):
+        """Each ControlNet unit's conditioning images of frames `indices`, RGB in [0, 1], (frames, 3, H, W)."""
+        return [torch.cat([image_to_vae_input(self.read_image(source, frame_key(i)), "cpu") for i in indices])
+                .add(1).div(2) for source in self.control_sources]
 
     @torch.no_grad()
     def compute(self, key):
-        start, end = self.windows[int(key[1:].split(".")[0])]
+        j = int(key[1:].split(".")[0])
+        start, end = self.windows[j]
         models = self.ctx.models
         device, dtype = models.device, models.dtype
         inputs = self.ctx.config.pipeline.pipeline_inputs
-        latents, conditions = self._window_inputs(start, end)
+        latents = self.read_latents(range(start, end))
         frames = end - start
         embeddings = self.read_tensors(self.prompts, "embeddings.safetensors")
         # Classifier-free guidance in one batch: [negative × frames, positive × frames].
         text = torch.cat([embeddings["negative"].expand(frames, -1, -1), embeddings["positive"].expand(frames, -1, -1)])
         sample = torch.cat([latents, latents]).to(device, dtype)
         text = text.to(device, dtype)
-        down_residuals, mid_residual = self._controlnet_residuals(sample, text, conditions, inputs)
+        down_residuals, mid_residual = self.residuals.window(start, end, embeddings)
+        next_start = self.windows[j + 1][0] if j + 1 < len(self.windows) else end
+        self.residuals.forget_before(next_start)  # the next window needs only frames from its start on
         eps = self._unet(sample, text, down_residuals, mid_residual, frames, inputs).float().cpu()
         eps_negative, eps_positive = eps.chunk(2)
         eps = eps_negative + inputs.cfg_scale * (eps_positive - eps_negative)
         return tensors_to_bytes({"eps": eps}), None
-
-    def _controlnet_residuals(self, sample, text, conditions, inputs):
-        """Each unit's residuals × its scale, summed over units; frames in chunks of controlnet_batch_size."""
-        down_total, mid_total = None, None
-        units = self.ctx.config.models.controlnet_units
-        for unit, controlnet, condition in zip(units, self.ctx.models.controlnets, conditions):
-            condition = torch.cat([condition, condition]).to(sample.device, sample.dtype)
-            chunk = inputs.controlnet_batch_size
-            pieces = [controlnet(sample[i:i + chunk], self.timestep, encoder_hidden_states=text[i:i + chunk],
-                                 controlnet_cond=condition[i:i + chunk], conditioning_scale=unit.scale,
-                                 return_dict=False)
-                      for i in range(0, sample.shape[0], chunk)]
-            down = [torch.cat([piece[0][level] for piece in pieces]) for level in range(len(pieces[0][0]))]
-            mid = torch.cat([piece[1] for piece in pieces])
-            if down_total is None:
-                down_total, mid_total = down, mid
-            else:
-                down_total = [a + b for a, b in zip(down_total, down)]
-                mid_total = mid_total + mid
-        return down_total, mid_total
 
     def _unet(self, sample, text, down_residuals, mid_residual, frames, inputs):
         unet = self.ctx.models.unet
@@ -143,6 +133,75 @@ class DenoiseWindowsStage(Stage):
                                 mid_block_additional_residual=None if mid_residual is None else
                                 mid_residual[i:i + chunk]).sample)
         return torch.cat(outputs)
+
+
+class ControlNetResiduals:
+    """Each frame's ControlNet residuals at one step, computed once and kept in memory for the next window that
+    holds the frame: windows overlap (stride 8, window 16: every frame is in two), and a frame's ControlNet input at
+    a step is the same in both. Never on disk: they are large.
+
+    A frame's residuals are computed in a group of frames decided by the frame index alone (frames
+    [g·B, (g+1)·B) for controlnet_batch_size B), one CFG half at a time, so its bits never depend on which window
+    asked first, or on where a resumed render started. Where B divides the window stride and length, these are
+    exactly the ControlNet calls made without reuse. Memory: the overlap plus one group."""
+
+    def __init__(self, stage, num_frames):
+        self.stage, self.num_frames = stage, num_frames
+        self.group = stage.ctx.config.pipeline.pipeline_inputs.controlnet_batch_size
+        self.kept = {}  # frame index → ([down residual per level], mid residual), each (2 halves, C, h, w)
+
+    def frames_computed_with(self, start, end):
+        """The frames whose inputs computing window [start, end)'s residuals may read: the groups it touches."""
+        if not self.stage.control_sources:
+            return []
+        first = start // self.group * self.group
+        last = min(-(-end // self.group) * self.group, self.num_frames)
+        return list(range(first, last))
+
+    def forget_before(self, start):
+        for index in [i for i in self.kept if i < start]:
+            del self.kept[index]
+
+    def window(self, start, end, embeddings):
+        """(down residuals, mid residual) for the window's batch [negative × frames, positive × frames], summed over
+        the ControlNet units, or (None, None) without ControlNets."""
+        if not self.stage.control_sources:
+            return None, None
+        for first in range(start // self.group * self.group, end, self.group):
+            if any(i not in self.kept for i in range(max(first, start), end) if i < first + self.group):
+                self._compute_group(first, min(first + self.group, self.num_frames), embeddings)
+        frames = [self.kept[i] for i in range(start, end)]
+        levels = len(frames[0][0])
+        down = [torch.cat([f[0][level][half:half + 1] for half in (0, 1) for f in frames]) for level in range(levels)]
+        mid = torch.cat([f[1][half:half + 1] for half in (0, 1) for f in frames])
+        return down, mid
+
+    def _compute_group(self, first, end, embeddings):
+        stage = self.stage
+        models = stage.ctx.models
+        device, dtype = models.device, models.dtype
+        indices = range(first, end)
+        latents = stage.read_latents(indices).to(device, dtype)
+        conditions = stage.read_conditions(indices)
+        halves = []
+        for half in ("negative", "positive"):
+            text = embeddings[half].expand(len(indices), -1, -1).contiguous().to(device, dtype)
+            down_total, mid_total = None, None
+            for unit, controlnet, condition in zip(stage.ctx.config.models.controlnet_units, models.controlnets,
+                                                   conditions):
+                down, mid = controlnet(latents, stage.timestep, encoder_hidden_states=text,
+                                       controlnet_cond=condition.to(device, dtype), conditioning_scale=unit.scale,
+                                       return_dict=False)
+                if down_total is None:
+                    down_total, mid_total = list(down), mid
+                else:  # summed over units in the same order as before reuse existed
+                    down_total = [a + b for a, b in zip(down_total, down)]
+                    mid_total = mid_total + mid
+            halves.append((down_total, mid_total))
+        (negative_down, negative_mid), (positive_down, positive_mid) = halves
+        for offset, index in enumerate(indices):
+            down = [torch.stack([n[offset], p[offset]]) for n, p in zip(negative_down, positive_down)]
+            self.kept[index] = (down, torch.stack([negative_mid[offset], positive_mid[offset]]))
 
 
 def combine_window_eps(index, windows, read_window_eps):

@@ -15,6 +15,7 @@ log = logging.getLogger("diffsynth")
 class EncodeStage(Stage):
     name = "encode"
     version = "3"  # 2: frames stored as raw uint8 safetensors instead of PNG; 3: x264 without mbtree (determinism)
+    prefetch_inputs = False  # the video unit reads every frame: streamed one at a time instead
 
     def __init__(self, ctx, final_frames, fps, audio, size, crf):
         super().__init__(ctx, [final_frames])
@@ -23,7 +24,7 @@ class EncodeStage(Stage):
         self.audio = audio  # (source path, start seconds, end seconds) or None
         self.width, self.height = size
         self.crf = crf
-        self.codec = encoder_name()
+        self.codec = encoder_name(self.width, self.height, crf)
 
     def params(self):
         return {"fps": str(self.fps), "crf": self.crf, "audio": self.audio, "size": [self.width, self.height],

@@ -76,6 +76,7 @@ def table_file(plan_key):
 
 class SmoothStage(Stage):
     version = "1"
+    prefetch_inputs = False  # frames come through its own window-sized LRU; prefetching a window per unit would hold too much
 
     def __init__(self, ctx, name, guide, style, settings, ephemeral=False):
         super().__init__(ctx, [guide, style])
