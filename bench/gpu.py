@@ -155,8 +155,10 @@ def time_diffusers(models, clip, s):
         MotionAdapter,
         UNet2DConditionModel,
     )
+    from PIL import Image
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from diffsynth.config import FramesConfig
     from diffsynth.video import decode, probe
     dtype = getattr(torch, s["dtype"])
     sd = Path(models["stable_diffusion"])
@@ -171,8 +173,6 @@ def time_diffusers(models, clip, s):
         scheduler=DDIMScheduler.from_pretrained(sd / "scheduler")).to(s["device"])
     pipe.set_progress_bar_config(disable=True)
     pipe.enable_free_noise(context_length=s["window"], context_stride=s["stride"])
-    from diffsynth.config import FramesConfig
-    from PIL import Image
     source = probe(FramesConfig(video_file=str(clip), width=8, height=8))
     frames = [Image.fromarray(image).resize((s["width"], s["height"]))
               for _, image in decode(source, range(s["frames"]))]
