@@ -552,14 +552,14 @@ def draw_progress(run_dir, refreshing):
     current = metrics["current_stage"]
     now = L.stage_title(current, steps) if current else ("done" if state == "complete" else "—")
     st.progress(done / total if total else 0.0, text=f"{done} of {total} work units · {now}")
-    cols = st.columns(4)
     rate = metrics["stage_rate"]
-    cols[0].metric("Now", now, help=(f"{rate:.2f} units/s" if rate else None))
-    cols[1].metric("Time left", eta_text(metrics, state),
+    st.markdown(f"**Now:** {now}" + (f" ({rate:.2f} units/s)" if rate else ""))
+    cols = st.columns(3)
+    cols[0].metric("Time left", eta_text(metrics, state),
                    help="From the measured speed of each stage; 'at least' while some stages are not timed yet")
-    cols[2].metric("Speed", f"{metrics['fps']:.2f} frames/s" if metrics["fps"] else "—",
+    cols[1].metric("Speed", f"{metrics['fps']:.2f} frames/s" if metrics["fps"] else "—",
                    help="output frames per second of work, end to end (estimated from the finished units)")
-    cols[3].metric("Time worked", R.format_seconds(metrics["elapsed_seconds"]))
+    cols[2].metric("Time worked", R.format_seconds(metrics["elapsed_seconds"]))
 
     if state in R.ACTIVE_STATES:
         if st.button("Cancel", key="cancel", help="stop after the current unit; Resume continues where it stopped"):

@@ -165,3 +165,73 @@ def test_cancel_leaves_a_resumable_run_that_resume_completes(output_root):
     wait_for(at, lambda at: state_of(at) in ("complete", "failed"))
     assert state_of(at) == "complete", (heading(at), R.read_progress(run_dir)["log"][-2000:])
     assert (run_dir / "video.mp4").is_file()
+
+
+@pytest.fixture
+def videos_root(tmp_path, monkeypatch):
+    """A videos folder of the test's own, beside the demo's assets (where the demo clip is)."""
+    root = tmp_path / "videos"
+    monkeypatch.setenv("DIFFSYNTH_WEBUI_VIDEOS", os.pathsep.join([str(root), str(REPO / "assets")]))
+    return root
+
+
+def test_a_config_error_is_shown_at_the_form_and_leaves_no_run_folder(output_root, videos_root):
+    at = small_demo_form(app(), "mistake")
+    assert videos_root.is_dir()  # created on the page's first start
+    # a path outside the page's folders: the message says what to do
+    at.text_input(key="f:data.input_frames.video_file").set_value("/etc/hosts")
+    at.button(key="render").click().run()
+    assert any(f"copy it into {videos_root} or add that folder to DIFFSYNTH_WEBUI_VIDEOS" in e for e in errors(at))
+    # inside the folder but not a video: refused by the CLI's own probe, before any run folder exists
+    (videos_root / "notes.mp4").write_text("not a video")
+    at.text_input(key="f:data.input_frames.video_file").set_value(str(videos_root / "notes.mp4"))
+    at.button(key="render").click().run()
+    assert any(e.startswith("Not started: cannot read") and "notes.mp4 as a video" in e for e in errors(at)), \
+        errors(at)
+    # a motion module where the base model belongs: refused by the CLI's model detection
+    at.text_input(key="f:data.input_frames.video_file").set_value(str(REPO / "assets" / "demo" / "clip.mp4"))
+    at.multiselect(key="f:models.model_list").set_value([str(REPO / "assets" / "demo" / "models" / "motion_adapter")])
+    at.button(key="render").click().run()
+    assert any("Not started: models.model_list has no" in e for e in errors(at)), errors(at)
+    assert "run" not in at.query_params
+    assert list(output_root.iterdir()) == []  # no 'failed' run left behind
+
+
+def test_a_failed_run_shows_its_error_line_not_a_traceback(output_root):
+    run = output_root / "broken"
+    run.mkdir()
+    (run / R.CONFIG_NAME).write_text("{}")
+    (run / R.PROCESS_LOG).write_text("--- render\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+                                     "error: data.input_frames.video_file: video file not found: /v/clip.mp4\n")
+    at = AppTest.from_file(str(REPO / "webui.py"), default_timeout=60)
+    at.query_params["run"] = "broken"
+    at.run()
+    assert state_of(at) == "failed"
+    assert errors(at) == ["error: data.input_frames.video_file: video file not found: /v/clip.mp4"]
+    assert any(b.key == "resume" for b in at.button)
+
+
+def test_the_run_page_names_stages_for_what_they_do_and_lists_them_all(output_root):
+    """A run planned with 10 denoising steps: every stage is in the table (none scrolled away), named in words."""
+    from diffsynth.cache import RunCache
+    run = output_root / "planned"
+    cache = RunCache(run)
+    names = ["decode", "crop", "prompts", "latents"] + [f"denoise.{k:03d}.{part}" for k in range(10)
+                                                        for part in ("windows", "step")] + ["vae_decode", "encode"]
+    for position, name in enumerate(names):
+        cache.db.execute("INSERT INTO stages (name, fingerprint, total, position) VALUES (?, 'f', 4, ?)",
+                         (name, position))
+    cache.db.executemany("INSERT INTO units VALUES ('decode', ?, 'p', 10, 'c', ?)",
+                         [(f"{i:06d}.safetensors", 1e6 + i) for i in range(4)])
+    cache.close()
+    at = AppTest.from_file(str(REPO / "webui.py"), default_timeout=60)
+    at.query_params["run"] = "planned"
+    at.run()
+    assert state_of(at) == "interrupted"
+    table = at.dataframe[0].value
+    assert len(table) == len(names)
+    assert list(table["stage"])[4:6] == ["Denoising, step 1 of 10", "Denoising, step 1 of 10: blending the windows"]
+    assert list(table["stage id"]) == names
+    # nothing of the current stage (crop) has been timed: no made-up ETA
+    assert [m.value for m in at.metric if m.label == "Time left"] == ["estimating…"]
+    assert "**Now:** Cropping and resizing" in [m.value for m in at.markdown]
