@@ -18,7 +18,8 @@ def _parser():
     parser = argparse.ArgumentParser(prog="diffsynth", description="Toon-shade long videos, resumably, on disk.")
     commands = parser.add_subparsers(dest="command", required=True)
     render = commands.add_parser("render", help="run or resume the render a config describes")
-    render.add_argument("config", help="YAML config file")
+    render.add_argument("config", help="YAML/JSON config file, or an original Diffutoon script (its "
+                        "`config = {...}` is read, the script is not run; its paths are relative to the current folder)")
     render.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override one config value (repeatable), e.g. --set pipeline.seed=3")
     render.add_argument("--no-progress", action="store_true", help="no progress bars (the log is still written)")
@@ -87,7 +88,11 @@ def cmd_render(args):
     from .config import load_config
     from .pipeline import render
 
-    config = load_config(args.config, args.overrides)
+    if Path(args.config).suffix == ".py":  # an original Diffutoon script: its config literal, never executed
+        from .diffutoon import load_script_config
+        config = load_script_config(args.config, args.overrides)
+    else:
+        config = load_config(args.config, args.overrides)
     video = render(config, progress=not args.no_progress, verify=getattr(args, "verify", False))
     print(video)
 
