@@ -97,6 +97,9 @@ class PipelineInputs(Schema):
     unet_batch_size: int = Field(1, ge=1, description="frames per UNet forward without a motion module (with one, "
                                                       "each window goes through whole)")
     controlnet_batch_size: int = Field(1, ge=1, description="frames per ControlNet forward (lower = less VRAM)")
+    cross_frame_attention: bool = Field(
+        False, description="the UNet's self-attention sees the tokens of all frames of one UNet batch "
+                           "(unet_batch_size frames) at once, as the original's editing-signals recipe")
     smoother_progress_ids: list[int] = Field(
         default_factory=list, description="denoising steps (0-based) whose x0 is smoothed; -1 = the final frames")
 

@@ -63,6 +63,13 @@ def windows_containing(index, windows):
     return [j for j, (start, end) in enumerate(windows) if start <= index < end]
 
 
+def shared_noise(seed, shape):
+    """One initial noise for every frame, drawn from the seed alone: what the original does without a motion module
+    (an image model then flickers less), and still independent of the rendered frame range."""
+    generator = torch.Generator("cpu").manual_seed((seed * 1_000_003 - 1) % (2 ** 63))
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
 def frame_noise(seed, frame_id, shape):
     """Initial noise for one frame, drawn from (seed, source frame id) on the CPU: the same on every device and
     however the frames are split into runs, windows or machines."""

@@ -5,6 +5,7 @@ variable-frame-rate videos decode frame-accurately, and rotated phone videos com
 """
 
 import logging
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -44,10 +45,17 @@ def probe(frames_config):
     return probe_video_file(Path(frames_config.video_file))
 
 
+def natural_order(name):
+    """Sort key: numbers in a file name compare as numbers (2.png before 10.png), as the original Diffutoon reads
+    image folders; the rest case-insensitively."""
+    return [(0, int(part), part) if part.isdigit() else (1, 0, part.lower())
+            for part in re.split(r"(\d+)", name) if part]
+
+
 def _probe_folder(folder):
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}")
-    files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted((p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_order)
     if not files:
         raise UserError(f"image folder {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return FrameSource(str(folder), False, files, Fraction(30))

@@ -154,3 +154,27 @@ def test_final_smoothing_off_and_on_again_reuses_the_diffusion(rendered, demo_as
     redone = {stage for (stage, key), t in unit_times(run_dir).items() if before.get((stage, key)) != t}
     assert redone == {"smooth.final", "encode"}
     assert (run_dir / "video.mp4").read_bytes() == (rendered / "run" / "video.mp4").read_bytes()
+
+
+def test_initial_noise_is_shared_without_a_motion_module_and_per_frame_with_one(demo_assets, tmp_path):
+    """The original draws one noise for every frame when there is no motion module (an image model then flickers
+    less) and one per frame with it; the shared noise comes from the seed alone, whatever the frame range."""
+    latents = {}
+    for motion in (True, False):
+        for start in (0, 3):
+            config = small_config(demo_assets, tmp_path / f"run-{motion}-{start}")
+            config["data"]["input_frames"]["start_frame_id"] = start
+            if not motion:
+                config["models"]["model_list"] = config["models"]["model_list"][:1]
+            config = parse_config(config)
+            cache = RunCache(config.data.output_folder)
+            stages = build_stages(RenderContext(config, cache, ModelStore(config.models)))
+            run_stages(stages[:[s.name for s in stages].index("latents") + 1], cache, progress=False)
+            latents[motion, start] = [bytes_to_tensors(cache.read("latents", f"{i:06d}.safetensors"))["latent"]
+                                      for i in range(4)]
+            cache.close()
+    shared = latents[False, 0]
+    assert all(torch.equal(shared[0], frame) for frame in shared + latents[False, 3])
+    per_frame = latents[True, 0]
+    assert not torch.equal(per_frame[0], per_frame[1])
+    assert torch.equal(per_frame[3], latents[True, 3][0])  # frame 3 of the clip, whichever frame the range starts at

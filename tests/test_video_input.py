@@ -82,6 +82,14 @@ def test_image_folder_is_read_in_name_order(tmp_path):
     assert [grey(image) for _, image in decode(source, [0, 1, 2])] == [shade(0), shade(1), shade(2)]
 
 
+def test_image_folder_without_zero_padding_is_read_in_numeric_order(tmp_path):
+    """0.png … 12.png, as the original Diffutoon writes and reads them: 2.png before 10.png."""
+    for index in range(13):
+        Image.fromarray(np.full((16, 32, 3), shade(index), np.uint8)).save(tmp_path / f"{index}.png")
+    source = probe(frames_config(image_folder=str(tmp_path)))
+    assert [grey(image) for _, image in decode(source, range(13))] == [shade(i) for i in range(13)]
+
+
 def test_truncated_video_is_a_user_error(tmp_path):
     path = write_vfr_video(tmp_path / "v.mp4", list(range(0, 400, 40)))
     (tmp_path / "cut.mp4").write_bytes(path.read_bytes()[:300])

@@ -7,7 +7,7 @@ from .base import Stage, frame_index, frame_key
 
 
 class DecodeStage(Stage):
-    version = "2"  # 2: frames stored as raw uint8 safetensors instead of PNG
+    version = "3"  # 2: frames stored as raw uint8 safetensors instead of PNG; 3: image folders in natural order
 
     def __init__(self, ctx, frames_config, source, frame_range, name="decode"):
         super().__init__(ctx)

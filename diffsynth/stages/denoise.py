@@ -12,6 +12,7 @@ import math
 from functools import cached_property, lru_cache
 
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 from ..cache import tensors_to_bytes
 from ..errors import UserError
@@ -63,7 +64,8 @@ class DenoiseWindowsStage(Stage):
         return {"timestep": self.timestep, "windows": self.windows, "cfg_scale": inputs.cfg_scale,
                 "controlnet_scales": [u.scale for u in self.ctx.config.models.controlnet_units],
                 "controlnet_batch_size": inputs.controlnet_batch_size, "unet_batch_size": inputs.unet_batch_size,
-                "models": self.ctx.models.identity("unet"), "dtype": str(self.ctx.models.dtype)}
+                "models": self.ctx.models.identity("unet"), "dtype": str(self.ctx.models.dtype),
+                **({"cross_frame_attention": True} if inputs.cross_frame_attention else {})}
 
     @staticmethod
     def window_key(j):
@@ -116,6 +118,8 @@ class DenoiseWindowsStage(Stage):
 
     def _unet(self, sample, text, down_residuals, mid_residual, frames, inputs):
         unet = self.ctx.models.unet
+        if inputs.cross_frame_attention:
+            return self._unet_cross_frame(sample, text, down_residuals, mid_residual, frames, inputs)
         if self.ctx.models.has_motion_module:
             # The motion module sees all the window's frames at once: (videos, channels, frames, h, w).
             video = sample.reshape(2, frames, *sample.shape[1:]).permute(0, 2, 1, 3, 4)
@@ -133,6 +137,66 @@ class DenoiseWindowsStage(Stage):
                                 mid_block_additional_residual=None if mid_residual is None else
                                 mid_residual[i:i + chunk]).sample)
         return torch.cat(outputs)
+
+    def _unet_cross_frame(self, sample, text, down_residuals, mid_residual, frames, inputs):
+        """cross_frame_attention: each UNet batch holds unet_batch_size frames of one CFG half (never both halves:
+        their tokens must not mix), and the spatial self-attention joins the batch's frames into one sequence."""
+        unet = self.ctx.models.unet
+        processor = use_cross_frame_attention(unet)
+        chunk = inputs.unet_batch_size
+        groups = [(first, min(first + chunk, half + frames)) for half in (0, frames)
+                  for first in range(half, half + frames, chunk)]
+        if self.ctx.models.has_motion_module:  # one call for the window; joined in the same groups
+            processor.groups = [end - first for first, end in groups]
+            video = sample.reshape(2, frames, *sample.shape[1:]).permute(0, 2, 1, 3, 4)
+            out = unet(video, self.timestep, encoder_hidden_states=text,
+                       down_block_additional_residuals=down_residuals,
+                       mid_block_additional_residual=mid_residual).sample
+            return out.permute(0, 2, 1, 3, 4).reshape(sample.shape)
+        outputs = []
+        for first, end in groups:
+            processor.groups = [end - first]
+            residuals = None if down_residuals is None else [r[first:end] for r in down_residuals]
+            outputs.append(unet(sample[first:end], self.timestep, encoder_hidden_states=text[first:end],
+                                down_block_additional_residuals=residuals,
+                                mid_block_additional_residual=None if mid_residual is None else
+                                mid_residual[first:end]).sample)
+        return torch.cat(outputs)
+
+
+class CrossFrameAttention:
+    """Self-attention over the tokens of several frames at once (the original's cross_frame_attention): the batch's
+    samples, in consecutive groups of `groups[k]` frames, are joined into one sequence per group, attended, and
+    split back. A group of one frame is ordinary self-attention."""
+
+    def __init__(self):
+        self.groups = None  # set before each UNet call
+        self.attend = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        batch, tokens, channels = hidden_states.shape
+        groups = self.groups or [batch]
+        assert sum(groups) == batch, f"cross-frame groups {groups} do not cover the batch of {batch}"
+        outputs, first = [], 0
+        for size in groups:
+            joined = hidden_states[first:first + size].reshape(1, size * tokens, channels)
+            outputs.append(self.attend(attn, joined, None, attention_mask, temb).reshape(size, tokens, channels))
+            first += size
+        return torch.cat(outputs)
+
+
+def use_cross_frame_attention(unet):
+    """Install CrossFrameAttention on the spatial self-attention layers (attn1 of the down/mid/up transformer blocks,
+    not the motion modules); returns the processor (shared, so one `groups` setting covers every layer)."""
+    for module in unet.modules():
+        if isinstance(getattr(module, "cross_frame_processor", None), CrossFrameAttention):
+            return module.cross_frame_processor
+    processor = CrossFrameAttention()
+    processors = {name: (processor if name.endswith("attn1.processor") and "motion_modules" not in name
+                         else existing) for name, existing in unet.attn_processors.items()}
+    unet.set_attn_processor(processors)
+    unet.cross_frame_processor = processor
+    return processor
 
 
 class ControlNetResiduals:

@@ -1,10 +1,11 @@
-"""Stage 5, initial latents: per frame, noise drawn from (seed, source frame id); with denoising_strength < 1 the
+"""Stage 5, initial latents: per frame, noise drawn from (seed, source frame id) with a motion module, one noise from
+the seed shared by every frame without one (as the original); with denoising_strength < 1 the
 cropped frame is VAE-encoded (mean × 0.18215) and noised to the first timestep."""
 
 import torch
 
 from ..cache import tensors_to_bytes
-from ..schedule import LATENT_SCALE, add_noise, alphas_cumprod, frame_noise, timesteps
+from ..schedule import LATENT_SCALE, add_noise, alphas_cumprod, frame_noise, shared_noise, timesteps
 from .base import Stage, frame_index
 
 
@@ -15,7 +16,7 @@ def image_to_vae_input(image, device):
 
 class InitialLatentsStage(Stage):
     name = "latents"
-    version = "1"
+    version = "2"  # 2: one shared noise without a motion module
 
     def __init__(self, ctx, cropped, first_frame_id):
         super().__init__(ctx, [cropped])
@@ -38,8 +39,11 @@ class InitialLatentsStage(Stage):
     def compute(self, key):
         frames = self.ctx.config.data.input_frames
         index = frame_index(key)
-        noise = frame_noise(self.ctx.config.pipeline.seed, self.first_frame_id + index,
-                            (4, frames.height // 8, frames.width // 8))
+        shape = (4, frames.height // 8, frames.width // 8)
+        if self.ctx.models.has_motion_module:  # per frame: the motion module sees the frames together
+            noise = frame_noise(self.ctx.config.pipeline.seed, self.first_frame_id + index, shape)
+        else:  # one noise for all frames, as the original: a per-frame image model flickers less
+            noise = shared_noise(self.ctx.config.pipeline.seed, shape)
         inputs = self.ctx.config.pipeline.pipeline_inputs
         if inputs.denoising_strength >= 1:
             return tensors_to_bytes({"latent": noise}), None
