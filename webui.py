@@ -470,7 +470,7 @@ def draw_form():
         cols[2].download_button("Download YAML", F.config_yaml(F.with_output_folder(data, settings)),
                                 file_name="render.yaml", mime="text/yaml", width="stretch")
 
-    config, errors = F.validate(F.data_from_state(ss), settings)
+    _, errors = F.validate(F.data_from_state(ss), settings)
     draw_render_bar(errors, "render")
     specs = {spec.name: spec for spec in F.fields_of(F.RenderConfig)}
     order = [n for n in SECTION_ORDER if n in specs] + [n for n in specs if n not in SECTION_ORDER]
@@ -530,10 +530,9 @@ def draw_frames(run_dir, frames):
             (result_col, R.output_frame_file(run_dir, index), f"result, frame {index}"),
             (source_col, R.source_frame_file(run_dir, index), f"source, frame {index}")):
         image = R.read_frame(file) if file else None
+        column.caption(caption if image is not None else f"{caption}: no longer on disk")
         if image is not None:
-            column.image(image, caption=caption, width=min(640, image.shape[1]))  # small frames at their size
-        else:
-            column.caption(f"{caption}: no longer on disk")
+            column.image(image, width=min(640, image.shape[1]))  # small frames at their own size, not blown up
 
 
 def draw_progress(run_dir, refreshing):
@@ -633,7 +632,9 @@ def draw_runs_list(current):
                 name = report["name"]
                 box = st.container(border=True)
                 marker = " (open)" if name == current else ""
-                progress = f" · {report['done']} of {report['total']}" if report.get("total") else ""
+                # The open run's numbers are on the right; two copies, refreshed a moment apart, would disagree.
+                show_count = report.get("total") and name != current
+                progress = f" · {report['done']} of {report['total']}" if show_count else ""
                 box.markdown(f"{STATE_ICONS.get(report['state'], '')} **{name}**{marker}  \n"
                              f"{report['state']}{progress}")
                 cols = box.columns(2)
