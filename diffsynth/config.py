@@ -42,6 +42,10 @@ class ModelsConfig(Schema):
     textual_inversion_folder: str | None = path_field(None, kind="models",
                                                       description="folder of textual-inversion embeddings")
     lora_alphas: list[float] = Field(default_factory=list, description="one weight per LoRA file in model_list")
+    lora_convention: Literal["kohya", "diffutoon"] = Field(
+        "kohya", description="kohya: scale each LoRA by its file's alpha/rank and apply its text-encoder layers "
+                             "(A1111, ComfyUI); diffutoon: as the original, W += lora_alpha × up·down with the "
+                             "file's alpha ignored, UNet layers only (to reproduce an old Diffutoon render)")
     device: str = Field("auto", description='"auto" (cuda when available), "cpu", "cuda", "cuda:1", …')
     torch_dtype: Literal["auto", "float16", "float32", "bfloat16"] = Field(
         "auto", description="weights' dtype; auto = float16 on GPU, float32 on CPU (the VAE is always float32)")
@@ -97,6 +101,10 @@ class PipelineInputs(Schema):
     unet_batch_size: int = Field(1, ge=1, description="frames per UNet forward without a motion module (with one, "
                                                       "each window goes through whole)")
     controlnet_batch_size: int = Field(1, ge=1, description="frames per ControlNet forward (lower = less VRAM)")
+    long_prompts: Literal["chunks", "diffutoon"] = Field(
+        "chunks", description="prompts over 75 tokens: chunks = 75-token chunks, each wrapped in start/end tokens "
+                              "(A1111, ComfyUI); diffutoon = as the original, the whole prompt tokenized once and "
+                              "cut into raw 77-token slices")
     cross_frame_attention: bool = Field(
         False, description="the UNet's self-attention sees the tokens of all frames of one UNet batch "
                            "(unet_batch_size frames) at once, as the original's editing-signals recipe")

@@ -110,3 +110,21 @@ def test_lora_alphas_must_match_the_loras(tiny, tmp_path):
                "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 1, 1, 1)}, path)
     with pytest.raises(UserError, match="lora_alphas has 0 value"):
         store([tiny.files["sd_safetensors"], path])
+
+
+def test_lora_diffutoon_convention_ignores_the_file_alpha_and_the_text_encoder(tiny, tmp_path):
+    """The original Diffutoon merges W += lora_alpha × up·down (the file's alpha ignored) into the UNet only."""
+    base = store([tiny.files["sd_safetensors"]])
+    lora, targets = _kohya_lora(base.unet, base.text_encoder)
+    path = tmp_path / "style_lora.safetensors"
+    save_file(lora, path)
+    original = store([tiny.files["sd_safetensors"], path], lora_alphas=[0.7], lora_convention="diffutoon")
+    got = original.unet.state_dict()
+    for name, (down, up, _) in targets.items():
+        expected = base.unet.state_dict()[name + ".weight"] + 0.7 * (up.flatten(1) @ down.flatten(1)).reshape(
+            got[name + ".weight"].shape)
+        torch.testing.assert_close(got[name + ".weight"], expected, atol=1e-6, rtol=1e-6)
+    for name, value in base.text_encoder.state_dict().items():
+        assert torch.equal(original.text_encoder.state_dict()[name], value), name
+    kohya = store([tiny.files["sd_safetensors"], path], lora_alphas=[0.7])
+    assert kohya.identity("unet") != original.identity("unet")

@@ -161,8 +161,9 @@ def unet_ldm_module_names(unet):
 
 
 @torch.no_grad()
-def merge_lora(model, layers, kind, scale, path, ldm_names=None):
-    """Merge the `kind` ("unet" or "te") layers of a LoRA into `model`; returns how many layers were merged."""
+def merge_lora(model, layers, kind, scale, path, ldm_names=None, file_alpha=True):
+    """Merge the `kind` ("unet" or "te") layers of a LoRA into `model`; returns how many layers were merged.
+    `file_alpha` False: the file's alpha is ignored (W += scale × up·down), as the original Diffutoon."""
     if scale == 0:
         return 0
     prefix = "lora_unet_" if kind == "unet" else "lora_te_"
@@ -178,7 +179,7 @@ def merge_lora(model, layers, kind, scale, path, ldm_names=None):
         weight = module.weight
         down, up = entry["down"].float(), entry["up"].float()
         rank = down.shape[0]
-        factor = scale * (entry.get("alpha", rank) / rank)
+        factor = scale * (entry.get("alpha", rank) / rank) if file_alpha else scale
         delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
         module.weight = torch.nn.Parameter((weight.float() + factor * delta).to(weight.dtype), requires_grad=False)
         merged += 1

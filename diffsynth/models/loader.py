@@ -256,6 +256,8 @@ class ModelStore:
             parts["base"] = file_identity(self.files.base)
         if "text" in components or "unet" in components:
             parts["loras"] = [[file_identity(path), alpha] for path, alpha in self.files.loras]
+            if self.files.loras and getattr(self.config, "lora_convention", "kohya") != "kohya":
+                parts["lora_convention"] = getattr(self.config, "lora_convention", "kohya")
         if "text" in components:
             parts["textual_inversions"] = {k: file_identity(p) for k, p in sorted(self.files.textual_inversions.items())}
             if self.tokenizer_folder is not None:
@@ -350,8 +352,9 @@ class ModelStore:
             raise UserError(f"the tokenizer ({len(tokenizer)} tokens) does not fit the text encoder of "
                             f"{self.files.base}; check models.tokenizer_folder")
         extend_text_encoder(model, self._embeddings, self.textual_inversion_ids, self.files.textual_inversions)
-        for path, alpha in self.files.loras:
-            merge_lora(model, read_lora(path), "te", alpha, path)
+        if getattr(self.config, "lora_convention", "kohya") == "kohya":  # the original leaves the text encoder alone
+            for path, alpha in self.files.loras:
+                merge_lora(model, read_lora(path), "te", alpha, path)
         model = model.to(dtype=self.dtype).eval()
         return self.offloader.register("text_encoder", model)
 
@@ -378,7 +381,8 @@ class ModelStore:
         unet = self._load_unet2d()
         ldm_names = unet_ldm_module_names(unet) if self.files.loras else None
         for path, alpha in self.files.loras:
-            merge_lora(unet, read_lora(path), "unet", alpha, path, ldm_names)
+            merge_lora(unet, read_lora(path), "unet", alpha, path, ldm_names,
+                       file_alpha=getattr(self.config, "lora_convention", "kohya") == "kohya")
         if self.files.motion is not None:
             unet = UNetMotionModel.from_unet2d(unet, self._load_motion_adapter())
         use_sdpa(unet)

@@ -1,7 +1,9 @@
 """Stage 4, prompts: the positive and negative text embeddings, stored once.
 
 clip_skip k takes the output of the k-th text-encoder layer from the end, then the final layer norm. Prompts longer
-than 77 tokens are encoded in 77-token chunks, concatenated along the sequence; the shorter prompt is padded with
+than 77 tokens are encoded in 77-token chunks, concatenated along the sequence: by default 75 tokens each wrapped in
+start/end tokens (A1111, ComfyUI), or with `long_prompts: diffutoon` raw 77-token slices of the whole tokenized
+prompt (the original Diffutoon); the shorter prompt is padded with
 chunks of the empty prompt so both halves of classifier-free guidance have the same length. Textual-inversion
 keywords (in either prompt) expand to their n tokens `kw_0 … kw_{n-1}`, inserted as token ids.
 """
@@ -35,6 +37,15 @@ def token_chunks(tokenizer, text, expand=None):
             for chunk in chunks]
 
 
+def raw_slices(tokenizer, text, expand=None, length=77):
+    """The original Diffutoon's long prompts: the whole prompt tokenized once (start token … end token), padded to
+    a multiple of 77 and cut into raw 77-token slices (only the first slice starts with the start token)."""
+    ids = [tokenizer.bos_token_id] + prompt_ids(tokenizer, text, expand) + [tokenizer.eos_token_id]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids += [pad] * (-len(ids) % length)
+    return [ids[i:i + length] for i in range(0, len(ids), length)]
+
+
 @torch.no_grad()
 def encode_chunks(text_encoder, chunks, clip_skip):
     ids = torch.tensor(chunks, device=getattr(text_encoder, "device", None))
@@ -49,8 +60,11 @@ class PromptStage(Stage):
 
     def params(self):
         inputs = self.ctx.config.pipeline.pipeline_inputs
-        return {"prompt": inputs.prompt, "negative_prompt": inputs.negative_prompt, "clip_skip": inputs.clip_skip,
-                "models": self.ctx.models.identity("text")}
+        params = {"prompt": inputs.prompt, "negative_prompt": inputs.negative_prompt, "clip_skip": inputs.clip_skip,
+                  "models": self.ctx.models.identity("text")}
+        if inputs.long_prompts != "chunks":
+            params["long_prompts"] = inputs.long_prompts
+        return params
 
     def unit_keys(self):
         return ["embeddings.safetensors"]
@@ -59,9 +73,10 @@ class PromptStage(Stage):
         inputs = self.ctx.config.pipeline.pipeline_inputs
         tokenizer, encoder = self.ctx.models.tokenizer, self.ctx.models.text_encoder
         expand = getattr(self.ctx.models, "expand_prompt", None)
-        positive = token_chunks(tokenizer, inputs.prompt, expand)
-        negative = token_chunks(tokenizer, inputs.negative_prompt, expand)
-        empty = token_chunks(tokenizer, "")
+        split = raw_slices if inputs.long_prompts == "diffutoon" else token_chunks
+        positive = split(tokenizer, inputs.prompt, expand)
+        negative = split(tokenizer, inputs.negative_prompt, expand)
+        empty = split(tokenizer, "")
         length = max(len(positive), len(negative))
         positive += empty * (length - len(positive))
         negative += empty * (length - len(negative))
