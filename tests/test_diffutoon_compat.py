@@ -425,3 +425,31 @@ def test_original_script_with_a_missing_model_stops_with_one_line_per_file(origi
     assert f"  {MOTION}  <- https://huggingface.co/guoyww/animatediff/resolve/main/mm_sd_v15_v2.ckpt" \
         in executed.stderr.splitlines()
     assert not (work / "output").exists()
+
+
+# --- the editing-signals recipe as this project's YAML configs ------------------------------------------------------
+
+def test_editing_signals_yaml_configs_match_the_original_dicts(tmp_path):
+    from diffsynth.config import load_config
+
+    stage_2 = copy.deepcopy(EDITING_STAGE_2)
+    stage_2["data"]["controlnet_frames"][0].update(video_file="output/color_video/video.mp4", start_frame_id=None,
+                                                   end_frame_id=None)
+    for name, original in (("color", EDITING_STAGE_1), ("toon", stage_2)):
+        ours = load_config(REPO / f"configs/diffutoon_editing_signals_{name}.yaml")
+        theirs = converted(original, tmp_path)
+        assert ours.pipeline == theirs.pipeline
+        assert ours.smoother_configs == theirs.smoother_configs
+        assert [Path(path).name for path in ours.models.model_list] == [Path(p).name for p in theirs.models.model_list]
+        assert [(unit.processor_id, unit.scale, Path(unit.model_path).name) for unit in ours.models.controlnet_units] \
+            == [(unit.processor_id, unit.scale, Path(unit.model_path).name) for unit in theirs.models.controlnet_units]
+        assert ours.data.fps == theirs.data.fps
+
+        def frames(config):
+            return [(entry.width, entry.height, entry.start_frame_id, entry.end_frame_id)
+                    for entry in [config.data.input_frames, *(config.data.controlnet_frames or [])]]
+        assert frames(ours)[:1] == frames(theirs)[:1]
+        if name == "toon":
+            assert frames(ours) == frames(theirs)
+            color = load_config(REPO / "configs/diffutoon_editing_signals_color.yaml")
+            assert ours.data.controlnet_frames[0].video_file == str(Path(color.data.output_folder) / "video.mp4")
