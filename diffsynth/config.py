@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import UserError
 
-PROCESSOR_IDS = ("tile", "canny", "lineart", "lineart_coarse", "lineart_anime", "softedge", "depth")
+PROCESSOR_IDS = ("tile", "canny", "lineart", "lineart_coarse", "lineart_anime", "softedge", "depth", "openpose")
 MOTION_MODULE_MAX_FRAMES = 32
 
 

@@ -34,6 +34,7 @@ def _factories():
     from controlnet_aux.lineart import Generator
     from controlnet_aux.lineart_anime import UnetGenerator
     from controlnet_aux.midas.midas.dpt_depth import DPTDepthModel
+    from controlnet_aux.open_pose.model import bodypose_model
     norm = functools.partial(torch.nn.InstanceNorm2d, affine=False, track_running_stats=False)
     return {
         "lineart": lambda: Generator(3, 1, 3),
@@ -41,6 +42,7 @@ def _factories():
         "lineart_anime": lambda: UnetGenerator(3, 1, 8, 64, norm_layer=norm, use_dropout=False),
         "softedge": ControlNetHED_Apache2,
         "depth": lambda: DPTDepthModel(path=None, backbone="vitb_rn50_384", non_negative=True),
+        "openpose": bodypose_model,
     }
 
 
@@ -53,6 +55,8 @@ def annotators_folder(tmp_path_factory):
         state = compact_random(model)
         if processor_id == "lineart_anime":  # netG.pth was saved from DataParallel
             state = {"module." + key: value for key, value in state.items()}
+        if processor_id == "openpose":  # body_pose_model.pth names tensors without the first module
+            state = {key.split(".", 1)[1]: value for key, value in state.items()}
         torch.save(state, folder / ANNOTATOR_FILES[processor_id])
     return folder
 

@@ -20,7 +20,9 @@ ANNOTATOR_FILES = {
     "lineart_anime": "netG.pth",
     "softedge": "ControlNetHED.pth",
     "depth": "dpt_hybrid-midas-501f0c75.pt",
+    "openpose": "body_pose_model.pth",
 }
+OPENPOSE_HAND_FILE = "hand_pose_model.pth"  # optional: hands are drawn when it is in the folder too
 NO_MODEL = ("tile", "canny")
 WHERE = "the lllyasviel/Annotators collection on Hugging Face (download by hand; nothing is fetched at run time)"
 
@@ -38,8 +40,9 @@ def annotator_file(processor_id, folder):
     return path
 
 
-def _load(factory, path, strip=()):
-    """Build on the meta device (no random init), check every tensor, then assign the file's tensors."""
+def _load(factory, path, strip=(), file_key=None):
+    """Build on the meta device (no random init), check every tensor, then assign the file's tensors.
+    `file_key(model key)` names a tensor in the file where the two differ."""
     with torch.device("meta"):
         model = factory()
     state = read_state_dict(path)
@@ -47,6 +50,8 @@ def _load(factory, path, strip=()):
         state = state["model"]
     for prefix in strip:
         state = {key.removeprefix(prefix): value for key, value in state.items()}
+    if file_key is not None:
+        state = {key: state[file_key(key)] for key in model.state_dict() if file_key(key) in state}
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
     wrong = [key for key in expected if key in state and tuple(state[key].shape) != tuple(expected[key].shape)]
@@ -80,6 +85,16 @@ def _hed(path):
 def _midas(path):
     from controlnet_aux.midas.midas.dpt_depth import DPTDepthModel
     return _load(lambda: DPTDepthModel(path=None, backbone="vitb_rn50_384", non_negative=True), path)
+
+
+def _openpose_network(factory, path):
+    # The files name each tensor without the network's first module (what controlnet-aux's util.transfer undoes).
+    return _load(factory, path, file_key=lambda key: key.split(".", 1)[1])
+
+
+def openpose_hand_file(folder):
+    path = Path(folder) / OPENPOSE_HAND_FILE if folder else None
+    return path if path is not None and path.is_file() else None
 
 
 def make_annotator(processor_id, folder=None, device="cpu"):
@@ -131,6 +146,20 @@ def _make(processor_id, folder, device):
         detector = HEDdetector(_hed(path).to(device))
         return lambda image, resolution: detector(image, detect_resolution=resolution, image_resolution=resolution,
                                                   safe=False, output_type="np")
+    if processor_id == "openpose":  # controlnet-aux's Body/Hand would torch.load without weights_only
+        from controlnet_aux.open_pose import OpenposeDetector
+        from controlnet_aux.open_pose.body import Body
+        from controlnet_aux.open_pose.hand import Hand
+        from controlnet_aux.open_pose.model import bodypose_model, handpose_model
+        body = Body.__new__(Body)
+        body.model = _openpose_network(bodypose_model, path).to(device)
+        hand = None
+        if openpose_hand_file(folder):
+            hand = Hand.__new__(Hand)
+            hand.model = _openpose_network(handpose_model, openpose_hand_file(folder)).to(device)
+        detector = OpenposeDetector(body, hand)
+        return lambda image, resolution: detector(image, detect_resolution=resolution, image_resolution=resolution,
+                                                  include_hand=hand is not None, output_type="np")
     from controlnet_aux.midas import MidasDetector
     detector = MidasDetector(_midas(path).to(device))
     return lambda image, resolution: detector(image, detect_resolution=resolution, image_resolution=resolution,

@@ -10,7 +10,12 @@ import numpy as np
 from PIL import Image
 
 from ..cache import image_to_bytes
-from ..models.annotators import ANNOTATOR_FILES, annotator_file, make_annotator  # noqa: F401 (re-exported)
+from ..models.annotators import (  # noqa: F401 (re-exported)
+    ANNOTATOR_FILES,
+    annotator_file,
+    make_annotator,
+    openpose_hand_file,
+)
 from ..models.loader import device_kind, file_identity
 from .base import Stage
 
@@ -34,6 +39,8 @@ class AnnotateStage(Stage):
         if self.processor_id in ANNOTATOR_FILES:  # a learned annotator: a network, run on the models' device
             params["weights"] = file_identity(annotator_file(self.processor_id, self._folder))
             params["device"] = device_kind(getattr(self.ctx.models, "device", "cpu"))
+        if self.processor_id == "openpose" and openpose_hand_file(self._folder):
+            params["hand_weights"] = file_identity(openpose_hand_file(self._folder))
         return params
 
     def unit_keys(self):
