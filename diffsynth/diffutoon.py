@@ -96,9 +96,9 @@ def download_models(model_id_list=(), downloading_priority=None):
         files += [path for path in PRESET_FILES[preset] if path not in files]
     missing = [path for path in files if not Path(path).is_file()]
     if missing:
-        lines = [f"{len(missing)} model file(s) missing under {Path.cwd()} (nothing is downloaded at run time; "
-                 "get each by hand and put it at its path):"]
-        lines += [f"  {path}  <- {MODEL_SOURCES[path]}" for path in missing]
+        header = (f"{len(missing)} model file(s) missing under {Path.cwd()} (nothing is downloaded at run time; "
+                  "get each by hand and put it at its path):")
+        lines = [header] + [f"  {path}  <- {MODEL_SOURCES[path]}" for path in missing]
         raise UserError("\n".join(lines))
     return files
 
@@ -227,8 +227,7 @@ def config_from_script(path):
         tree = ast.parse(path.read_text(), filename=str(path))
     except SyntaxError as error:
         raise UserError(f"{path} is not valid Python (line {error.lineno}: {error.msg})") from None
-    run_calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                 and node.func.attr == "run" and len(node.args) == 1]
+    run_calls = _runner_run_calls(tree)
     run_calls.sort(key=lambda node: node.lineno)
     if len(run_calls) > 1:
         where = ", ".join(f"{ast.unparse(call.args[0])} at line {call.lineno}" for call in run_calls)
@@ -248,6 +247,24 @@ def config_from_script(path):
     assignment = assignments[-1]
     _refuse_later_edits(tree, name, assignment, path)
     return _literal(assignment.value, path, f"`{name}` (line {assignment.lineno})")
+
+
+def _is_runner(node):
+    """`SDVideoPipelineRunner(...)` or `diffsynth.SDVideoPipelineRunner(...)`."""
+    function = node.func if isinstance(node, ast.Call) else None
+    name = function.id if isinstance(function, ast.Name) else getattr(function, "attr", None)
+    return name == "SDVideoPipelineRunner"
+
+
+def _runner_run_calls(tree):
+    """The `….run(config)` calls on an SDVideoPipelineRunner (not e.g. `subprocess.run(...)`), in line order."""
+    runner_names = {target.id for node in ast.walk(tree) if isinstance(node, ast.Assign) and _is_runner(node.value)
+                    for target in node.targets if isinstance(target, ast.Name)}
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+             and node.func.attr == "run" and len(node.args) == 1
+             and (_is_runner(node.func.value)
+                  or isinstance(node.func.value, ast.Name) and node.func.value.id in runner_names)]
+    return sorted(calls, key=lambda node: node.lineno)
 
 
 def _assigns_name(statement, name):

@@ -231,7 +231,7 @@ def test_diffsynth_exports_the_original_names_lazily():
     code = ("import sys, diffsynth; assert 'diffsynth.diffutoon' not in sys.modules and 'torch' not in sys.modules; "
             "from diffsynth import SDVideoPipelineRunner, download_models; "
             "assert 'torch' not in sys.modules; print(SDVideoPipelineRunner.__module__, download_models.__name__)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["diffsynth.diffutoon", "download_models"]
 
@@ -260,7 +260,12 @@ def test_script_config_is_the_one_passed_to_run(tmp_path):
         SDVideoPipelineRunner().run(my_config)
     """)
     assert config_from_script(script) == {"data": {"fps": 5}}
-    inline = write_script(tmp_path / "inline.py", 'runner.run({"data": {"fps": 7}})\n')
+    inline = write_script(tmp_path / "inline.py", """
+        import subprocess
+        config = {"data": {"fps": 8}}
+        subprocess.run(["true"])  # not a runner: ignored
+        diffsynth.SDVideoPipelineRunner().run({"data": {"fps": 7}})
+    """)
     assert config_from_script(inline) == {"data": {"fps": 7}}
 
 
@@ -268,16 +273,17 @@ def test_script_that_runs_two_configs_or_edits_one_is_refused(tmp_path):
     two_runs = write_script(tmp_path / "two.py", """
         config_stage_1 = {"a": 1}
         config_stage_2 = {"b": 2}
+        runner = SDVideoPipelineRunner()
         runner.run(config_stage_1)
         runner.run(config_stage_2)
     """)
-    with pytest.raises(UserError, match=r"runs 2 configs \(config_stage_1 at line 4, config_stage_2 at line 5\).*"
+    with pytest.raises(UserError, match=r"runs 2 configs \(config_stage_1 at line 5, config_stage_2 at line 6\).*"
                                         r"run it with `python two.py`"):
         config_from_script(two_runs)
     edited = write_script(tmp_path / "edited.py", """
         config = {"data": {"controlnet_frames": [{}, {}]}}
         config["data"]["controlnet_frames"][0] = {"video_file": os.path.join("output", "video.mp4")}
-        runner.run(config)
+        SDVideoPipelineRunner().run(config)
     """)
     with pytest.raises(UserError, match="changes `config` in Python at line 3 after its literal"):
         config_from_script(edited)
@@ -391,7 +397,7 @@ def original_working_folder(tiny, demo_assets, tmp_path):
 
 def run_in(folder, *command):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=folder, env=env,
+    return subprocess.run([sys.executable, *command], check=False, capture_output=True, text=True, cwd=folder, env=env,
                           timeout=600)
 
 
@@ -453,3 +459,23 @@ def test_editing_signals_yaml_configs_match_the_original_dicts(tmp_path):
             assert frames(ours) == frames(theirs)
             color = load_config(REPO / "configs/diffutoon_editing_signals_color.yaml")
             assert ours.data.controlnet_frames[0].video_file == str(Path(color.data.output_folder) / "video.mp4")
+
+
+def test_render_of_a_refused_script_is_one_line_and_exit_code_2(tmp_path):
+    from helpers import run_cli
+
+    script = write_script(tmp_path / "editing.py", """
+        from pathlib import Path
+        Path("never.marker").write_text("ran")
+        config_stage_1 = {"a": 1}
+        config_stage_2 = {"b": 2}
+        runner = SDVideoPipelineRunner()
+        runner.run(config_stage_1)
+        runner.run(config_stage_2)
+    """)
+    result = run_cli("render", script, "--no-progress")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {script} runs 2 configs (config_stage_1 at line 7, config_stage_2 at "
+                                    "line 8)")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (REPO / "never.marker").exists() and not (tmp_path / "never.marker").exists()
