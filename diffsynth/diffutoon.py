@@ -23,7 +23,7 @@ import copy
 import difflib
 from pathlib import Path
 
-from .config import parse_config, parse_override, resolve_paths, set_by_path
+from .config import PROCESSOR_IDS, parse_config, parse_override, resolve_paths, set_by_path
 from .errors import UserError
 
 # Where the originals expect each file (relative to the current folder) and where people get it.
@@ -44,6 +44,9 @@ MODEL_SOURCES = {
     "models/Annotators/sk_model2.pth": ANNOTATORS + "sk_model2.pth",
     "models/Annotators/ControlNetHED.pth": ANNOTATORS + "ControlNetHED.pth",
     "models/Annotators/dpt_hybrid-midas-501f0c75.pt": ANNOTATORS + "dpt_hybrid-midas-501f0c75.pt",
+    "models/Annotators/body_pose_model.pth": ANNOTATORS + "body_pose_model.pth",
+    "models/Annotators/hand_pose_model.pth": ANNOTATORS + "hand_pose_model.pth",
+    "models/Annotators/facenet.pth": ANNOTATORS + "facenet.pth",
     "models/textual_inversion/verybadimagenegative_v1.3.pt":
         "https://civitai.com/api/download/models/25820?type=Model&format=PickleTensor&size=full&fp=fp16",
 }
@@ -71,6 +74,8 @@ PRESET_FILES = {
     "Annotators:Lineart": ["models/Annotators/sk_model.pth", "models/Annotators/sk_model2.pth"],
     "Annotators:Softedge": ["models/Annotators/ControlNetHED.pth"],
     "Annotators:Depth": ["models/Annotators/dpt_hybrid-midas-501f0c75.pt"],
+    "Annotators:Openpose": ["models/Annotators/body_pose_model.pth", "models/Annotators/facenet.pth",
+                            "models/Annotators/hand_pose_model.pth"],
 }
 
 # The original runner reads annotator weights from this fixed folder (relative to the current folder).
@@ -79,8 +84,9 @@ ORIGINAL_ANNOTATORS_FOLDER = "models/Annotators"
 # pipeline_inputs keys the original runner overwrites from `data` before running (its examples carry placeholders).
 FILLED_IN_FROM_DATA = ("input_frames", "num_frames", "width", "height", "controlnet_frames")
 
-# Processor ids the original knows but this pipeline has no annotator for.
-UNSUPPORTED_PROCESSORS = {"openpose", "normal", "none", "inpaint"}
+# The processor ids the original knows; those missing from PROCESSOR_IDS have no annotator here.
+ORIGINAL_PROCESSOR_IDS = ("canny", "depth", "softedge", "lineart", "lineart_anime", "openpose", "normal", "tile",
+                          "none", "inpaint")
 
 
 def download_models(model_id_list=(), downloading_priority=None):
@@ -161,10 +167,9 @@ def _convert_models(models):
     units = models.get("controlnet_units") or []
     for index, unit in enumerate(units):
         processor = unit.get("processor_id") if isinstance(unit, dict) else None
-        if processor in UNSUPPORTED_PROCESSORS:
+        if processor in ORIGINAL_PROCESSOR_IDS and processor not in PROCESSOR_IDS:
             raise UserError(f"models.controlnet_units.{index}.processor_id '{processor}' is not supported here "
-                            "(this pipeline has annotators for tile, canny, lineart, lineart_coarse, lineart_anime, "
-                            "softedge and depth); choose one of those or remove the unit")
+                            f"(processor ids: {', '.join(PROCESSOR_IDS)}); choose one of those or remove the unit")
     unit_files = {_normalised(unit["model_path"]) for unit in units
                   if isinstance(unit, dict) and isinstance(unit.get("model_path"), str)}
     if isinstance(models.get("model_list"), list):

@@ -175,12 +175,12 @@ def test_unknown_original_keys_stay_errors_with_suggestions(tmp_path):
 
 
 def test_processor_ids_of_the_original(tmp_path):
-    for processor_id in ("tile", "canny", "lineart", "lineart_anime", "softedge", "depth"):
+    for processor_id in ("tile", "canny", "lineart", "lineart_anime", "softedge", "depth", "openpose"):
         original = copy.deepcopy(TOON_SHADING)
         original["models"]["controlnet_units"][1]["processor_id"] = processor_id
         assert converted(original, tmp_path).models.controlnet_units[1].processor_id == processor_id
-    original["models"]["controlnet_units"][1]["processor_id"] = "openpose"
-    with pytest.raises(UserError, match="controlnet_units.1.processor_id 'openpose' is not supported here"):
+    original["models"]["controlnet_units"][1]["processor_id"] = "normal"
+    with pytest.raises(UserError, match="controlnet_units.1.processor_id 'normal' is not supported here"):
         config_from_original(original)
 
 
