@@ -138,7 +138,8 @@ class FastBlendSettings(Schema):
     num_iter: int = Field(5, ge=1, description="patch-match iterations per pyramid level")
     guide_weight: float = Field(10.0, ge=0.0, description="weight of the guide (input frames) in the patch error")
     initialize: Literal["identity", "random"] = "identity"
-    tracking_window_size: int = Field(0, ge=0)
+    tracking_window_size: int = Field(0, ge=0, description="try the matches of the frames up to this many places "
+                                      "before and after in a batch (0 = off)")
     keyframe_ids: list[int] = Field(default_factory=list, description="interpolation mode: the rendered keyframes")
 
     @field_validator("minimum_patch_size")

@@ -85,7 +85,7 @@ def test_patch_match_recovers_known_shift(shift, minimum_patch_size, num_iter):
     source, target = shifted_pair(shift)
     params = PatchMatchParams(minimum_patch_size=minimum_patch_size, num_iter=num_iter)
     batch = 2
-    nnf = estimate_nnf(source.expand(batch, -1, -1, -1), target, source.expand(batch, -1, -1, -1), None, params, 7)
+    nnf = estimate_nnf(source.expand(batch, -1, -1, -1), target, source.expand(batch, -1, -1, -1), "remap", params, 7)
     offset = nnf - identity_nnf(batch, 64, 64, "cpu")
     interior = offset[:, 8:-8, 8:-8]
     exact = (interior[..., 0] == shift[0]) & (interior[..., 1] == shift[1])
@@ -96,10 +96,10 @@ def test_warp_reproduces_shifted_style_and_is_deterministic():
     source, target = shifted_pair((3, -2))
     style = 255 - source  # a different "style" image moving with the same motion
     params = PatchMatchParams(minimum_patch_size=5, num_iter=5)
-    warped = warp(source[None], target, style[None], None, params, seed=3)
+    warped = warp(source[None], target, style[None], "remap", params, seed=3)
     expected = 255 - target
     assert (warped[0, 8:-8, 8:-8] - expected[8:-8, 8:-8]).abs().mean() < 1.0
-    again = warp(source[None], target, style[None], None, params, seed=3)
+    again = warp(source[None], target, style[None], "remap", params, seed=3)
     assert torch.equal(warped, again)
 
 
@@ -108,6 +108,6 @@ def test_random_initialisation_mostly_converges():
     # with two pyramid levels most, not all, pixels lock onto it.
     source, target = shifted_pair((4, -4))
     params = PatchMatchParams(minimum_patch_size=5, num_iter=5, initialize="random")
-    nnf = estimate_nnf(source[None], target, source[None], None, params, seed=11)
+    nnf = estimate_nnf(source[None], target, source[None], "remap", params, seed=11)
     offset = (nnf - identity_nnf(1, 64, 64, "cpu"))[:, 8:-8, 8:-8]
     assert ((offset[..., 0] == 4) & (offset[..., 1] == -4)).float().mean() > 0.75

@@ -21,8 +21,8 @@ class FastBlendConfig:
         ``minimum_patch_size + 2 * (num_iter - 1)`` down to ``minimum_patch_size`` in steps of 2.
     guide_weight: weight of the guide SSD against the style SSD in the patch error.
     initialize: initial nearest-neighbour field at the coarsest level, "identity" or "random".
-    tracking_window_size: accepted for compatibility with the original tool's settings; currently unused
-        (every warp is estimated independently so that each unit of work stays deterministic and local).
+    tracking_window_size: after each search step, try the matches of the sources up to this many places before
+        and after in the batch (consecutive frames move alike), as the original; 0 = off.
     keyframe_ids: for "interpolation": indices of the frames that have a rendered style frame.
     """
 

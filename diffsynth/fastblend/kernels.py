@@ -1,7 +1,7 @@
 """The two inner-loop kernels of patch matching, in pure torch.
 
-This module is the seam for accelerated back ends: ``remap`` and ``patch_error`` are the only functions that
-touch every pixel times every patch offset. A CUDA (e.g. cupy) implementation can replace them as long as it
+This module is the seam for accelerated back ends: ``remap``, ``patch_error`` and ``pairwise_patch_error`` are the
+only functions that touch every pixel times every patch offset. A CUDA (e.g. cupy) implementation can replace them as long as it
 keeps these signatures and semantics.
 
 Layout conventions (shared with :mod:`diffsynth.fastblend.patch_match`):
@@ -58,6 +58,27 @@ def patch_error(target: torch.Tensor, source: torch.Tensor, nnf: torch.Tensor, p
         for dx in range(-radius, radius + 1):
             matched = rows[(dy + radius) * wp + dx + radius :].index_select(0, corner).view_as(target)
             diff = target_pad[:, radius + dy : radius + dy + height, radius + dx : radius + dx + width] - matched
+            error.addcmul_(diff, diff)
+    return error.sum(dim=-1)
+
+
+def pairwise_patch_error(source_a, nnf_a, source_b, nnf_b, patch_size: int) -> torch.Tensor:
+    """Sum of squared differences between the patch of source_a at nnf_a(p) and the patch of source_b at
+    nnf_b(p): how well two sources agree about pixel p. (B, H, W, C) images, (B, H, W, 2) NNFs; returns
+    (B, H, W)."""
+    radius = patch_size // 2
+    pad_a, pad_b = pad_edge(source_a, radius), pad_edge(source_b, radius)
+    hp, wp = pad_a.shape[1:3]
+    rows_a, rows_b = _flat_rows(pad_a), _flat_rows(pad_b)
+    corner_a = (_flat_index(nnf_a, radius, (hp, wp)) - (radius * wp + radius)).reshape(-1)
+    corner_b = (_flat_index(nnf_b, radius, (hp, wp)) - (radius * wp + radius)).reshape(-1)
+    shape = (*nnf_a.shape[:3], source_a.shape[-1])
+    error = torch.zeros(shape, dtype=source_a.dtype, device=source_a.device)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            offset = (dy + radius) * wp + dx + radius
+            diff = rows_a[offset:].index_select(0, corner_a).view(shape) - rows_b[offset:].index_select(
+                0, corner_b).view(shape)
             error.addcmul_(diff, diff)
     return error.sum(dim=-1)
 

@@ -30,6 +30,7 @@ class PatchMatchParams:
     initialize: str = "identity"
     random_search_rounds: int = 3
     random_search_radius: int = 4
+    tracking_window_size: int = 0
 
     @property
     def max_patch_size(self) -> int:
@@ -110,21 +111,57 @@ def upsample_nnf(nnf: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 # One level's search steps
 
+STYLE_ERRORS = ("remap", "mean", "pairwise")
+
 
 def features(guide: torch.Tensor, style: torch.Tensor, guide_weight: float) -> torch.Tensor:
     """Concatenate guide and style so that one SSD gives guide_weight * SSD(guide) + SSD(style)."""
     return torch.cat((guide * math.sqrt(guide_weight), style), dim=-1)
 
 
-def keep_better(nnf, error, candidate, target, source, patch_size):
+def level_error(style_error, source_guide, target_guide, source_style, nnf, patch_size, guide_weight):
+    """The patch error of an NNF, as a function of the NNF, for one iteration at one level:
+    guide_weight · SSD(target guide patch, source guide patch at nnf) + a style term that depends on the mode:
+    - "remap" (balanced, fast): against the target style estimated at the iteration's start, the remap of the
+      source style with the current NNF;
+    - "mean" (accurate; the original's use_mean_target_style): against the mean over the batch of the source
+      styles remapped with the candidate NNF itself, recomputed for every candidate;
+    - "pairwise" (interpolation; the original's use_pairwise_patch_error): between the two sources of each pair
+      (batch entries 2k and 2k+1), each read at its own NNF — no target style at all."""
+    if style_error == "remap":
+        source = features(source_guide, source_style, guide_weight)
+        target = features(target_guide, kernels.remap(source_style, nnf, patch_size), guide_weight)
+        return lambda candidate: kernels.patch_error(target, source, candidate, patch_size)
+    if style_error == "mean":
+        source = features(source_guide, source_style, guide_weight)
+
+        def error_with_mean_target(candidate):
+            mean = kernels.remap(source_style, candidate, patch_size).mean(dim=0, keepdim=True)
+            target = features(target_guide, mean.expand_as(source_style), guide_weight)
+            return kernels.patch_error(target, source, candidate, patch_size)
+        return error_with_mean_target
+    if style_error == "pairwise":
+        if source_style.shape[0] % 2:
+            raise ValueError("pairwise patch error needs pairs of sources (an even batch)")
+
+        def error_between_pair(candidate):
+            guide = kernels.patch_error(target_guide, source_guide, candidate, patch_size) * guide_weight
+            style = kernels.pairwise_patch_error(source_style[0::2], candidate[0::2], source_style[1::2],
+                                                 candidate[1::2], patch_size)
+            return guide + style.repeat_interleave(2, dim=0)
+        return error_between_pair
+    raise ValueError(f"unknown style error {style_error!r} (one of {STYLE_ERRORS})")
+
+
+def keep_better(nnf, error, candidate, error_of):
     """Replace NNF entries by the candidate where the candidate's patch error is strictly lower."""
-    candidate_error = kernels.patch_error(target, source, candidate, patch_size)
+    candidate_error = error_of(candidate)
     better = candidate_error < error
     nnf = torch.where(better.unsqueeze(-1), candidate, nnf)
     return nnf, torch.where(better, candidate_error, error)
 
 
-def propagate(nnf, error, target, source, patch_size, rng: Randomness):
+def propagate(nnf, error, error_of, rng: Randomness):
     """For each of the 4 directions in random order, try the neighbour's match shifted back by one pixel."""
     height, width = nnf.shape[1:3]
     for dy, dx in rng.direction_order():
@@ -133,31 +170,51 @@ def propagate(nnf, error, target, source, patch_size, rng: Randomness):
         neighbour = nnf[:, ys][:, :, xs]
         shift = torch.tensor((dy, dx), device=nnf.device)
         candidate = clamp_nnf(neighbour - shift, height, width)
-        nnf, error = keep_better(nnf, error, candidate, target, source, patch_size)
+        nnf, error = keep_better(nnf, error, candidate, error_of)
     return nnf, error
 
 
-def random_search(nnf, error, target, source, patch_size, rng: Randomness, rounds: int, radius: int):
+def random_search(nnf, error, error_of, rng: Randomness, rounds: int, radius: int):
     """``rounds`` times: try a uniform random integer offset in [-radius, radius]^2 around the current match."""
     height, width = nnf.shape[1:3]
     for _ in range(rounds):
         offset = rng.randint(-radius, radius + 1, tuple(nnf.shape))
         candidate = clamp_nnf(nnf + offset, height, width)
-        nnf, error = keep_better(nnf, error, candidate, target, source, patch_size)
+        nnf, error = keep_better(nnf, error, candidate, error_of)
     return nnf, error
 
 
-def search_level(nnf, source_guide, target_guide, source_style, target_style, params: PatchMatchParams, rng):
-    """num_iter iterations of (remap, error, propagation, random search) with shrinking patch sizes."""
-    source = features(source_guide, source_style, params.guide_weight)
+def shift_batch(nnf: torch.Tensor, d: int) -> torch.Tensor:
+    """Entry b gets the NNF of entry b + d (the batch's ends repeated where b + d falls outside)."""
+    batch = nnf.shape[0]
+    index = (torch.arange(batch, device=nnf.device) + d).clamp(0, batch - 1)
+    return nnf[index]
+
+
+def track(nnf, error, error_of, window: int, pairwise: bool):
+    """tracking_window_size: for d = 1..window, try the NNF of the source d places later, then d places earlier in
+    the batch (consecutive frames move alike). With pairwise sources the two halves of the pairs shift apart."""
+    for d in range(1, window + 1):
+        for step in (d, -d):
+            if pairwise:
+                candidate = torch.empty_like(nnf)
+                candidate[0::2], candidate[1::2] = shift_batch(nnf[0::2], step), shift_batch(nnf[1::2], step)
+            else:
+                candidate = shift_batch(nnf, step)
+            nnf, error = keep_better(nnf, error, candidate, error_of)
+    return nnf, error
+
+
+def search_level(nnf, source_guide, target_guide, source_style, params: PatchMatchParams, rng, style_error="remap"):
+    """num_iter iterations of (error, propagation, random search, tracking) with shrinking patch sizes."""
     for patch_size in params.patch_sizes():
-        estimate = target_style if target_style is not None else kernels.remap(source_style, nnf, patch_size)
-        target = features(target_guide, estimate, params.guide_weight)
-        error = kernels.patch_error(target, source, nnf, patch_size)
-        nnf, error = propagate(nnf, error, target, source, patch_size, rng)
-        nnf, error = random_search(
-            nnf, error, target, source, patch_size, rng, params.random_search_rounds, params.random_search_radius
-        )
+        error_of = level_error(style_error, source_guide, target_guide, source_style, nnf, patch_size,
+                               params.guide_weight)
+        error = error_of(nnf)
+        nnf, error = propagate(nnf, error, error_of, rng)
+        nnf, error = random_search(nnf, error, error_of, rng, params.random_search_rounds,
+                                   params.random_search_radius)
+        nnf, error = track(nnf, error, error_of, params.tracking_window_size, style_error == "pairwise")
     return nnf
 
 
@@ -175,22 +232,19 @@ def estimate_nnf(
     source_guide: torch.Tensor,
     target_guide: torch.Tensor,
     source_style: torch.Tensor,
-    target_style: torch.Tensor | None = None,
+    style_error: str = "remap",
     params: PatchMatchParams = PatchMatchParams(),
     seed: int = 0,
 ) -> torch.Tensor:
     """Pyramid patch match from source to target; returns the finest-level NNF (B, H, W, 2).
 
-    source_guide, source_style: (B, H, W, 3). target_guide, target_style: (B, H, W, 3) or (H, W, 3) (shared by
-    every pair). ``target_style=None`` uses the current remapped source style as the target style (balanced /
-    fast modes); a given target_style is compared against instead (accurate mode).
+    source_guide, source_style: (B, H, W, 3). target_guide: (B, H, W, 3) or (H, W, 3) (shared by every pair).
+    ``style_error``: how the style part of the patch error is measured (see level_error).
     """
     batch, height, width, _ = source_guide.shape
     device = source_guide.device
     rng = Randomness(seed, device)
     target_guide = _as_batch(target_guide, batch)
-    if target_style is not None:
-        target_style = _as_batch(target_style, batch)
     levels = params.num_levels(height, width)
     nnf = None
     for size in pyramid_sizes(height, width, levels):
@@ -201,15 +255,8 @@ def estimate_nnf(
                 nnf = identity_nnf(batch, size[0], size[1], device)
         else:
             nnf = upsample_nnf(nnf, size)
-        nnf = search_level(
-            nnf,
-            resize_area(source_guide, size),
-            resize_area(target_guide, size),
-            resize_area(source_style, size),
-            None if target_style is None else resize_area(target_style, size),
-            params,
-            rng,
-        )
+        nnf = search_level(nnf, resize_area(source_guide, size), resize_area(target_guide, size),
+                           resize_area(source_style, size), params, rng, style_error)
     return nnf
 
 
@@ -217,11 +264,11 @@ def warp(
     source_guide: torch.Tensor,
     target_guide: torch.Tensor,
     source_style: torch.Tensor,
-    target_style: torch.Tensor | None = None,
+    style_error: str = "remap",
     params: PatchMatchParams = PatchMatchParams(),
     seed: int = 0,
 ) -> torch.Tensor:
     """Warp each source style image onto its target: estimate the NNF, then patch-vote with the smallest patch.
     Returns (B, H, W, 3) float32."""
-    nnf = estimate_nnf(source_guide, target_guide, source_style, target_style, params, seed)
+    nnf = estimate_nnf(source_guide, target_guide, source_style, style_error, params, seed)
     return kernels.remap(source_style.float(), nnf, params.patch_sizes()[-1])

@@ -61,6 +61,7 @@ class SmoothingPlan:
             num_iter=config.num_iter,
             guide_weight=config.guide_weight,
             initialize=config.initialize,
+            tracking_window_size=config.tracking_window_size,
         )
         self.top_level = blk.max_level(config.window_size)
         if config.inference_mode == "interpolation":
@@ -174,16 +175,18 @@ class SmoothingPlan:
     def _frame(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device=self.device, dtype=torch.float32)
 
-    def _warp_to(self, key, target: int, sources, frames, target_style=None, first_call=0):
-        """Warp (source_guide, source_style) pairs onto frame ``target``'s guide, ``batch_size`` at a time.
-        Yields one (b, H, W, 3) tensor per batch."""
+    def _warp_to(self, key, target: int, sources, frames, style_error="remap", first_call=0):
+        """Warp (source_guide, source_style) pairs onto frame ``target``'s guide, ``batch_size`` at a time (pairs of
+        sources stay together with the pairwise error). Yields one (b, H, W, 3) tensor per batch."""
         target_guide = self._frame(frames.guide(target))
         batch_size = self.config.batch_size
+        if style_error == "pairwise":
+            batch_size += batch_size % 2
         for call, start in enumerate(range(0, len(sources), batch_size), start=first_call):
             chunk = sources[start : start + batch_size]
             guides = torch.stack([self._frame(g) for g, _ in chunk])
             styles = torch.stack([self._frame(s) for _, s in chunk])
-            yield warp(guides, target_guide, styles, target_style, self.params, unit_seed(key, call))
+            yield warp(guides, target_guide, styles, style_error, self.params, unit_seed(key, call))
 
     def _balanced(self, key: str, t: int, frames: FrameAccess) -> torch.Tensor:
         first, last = self._window(t)
@@ -198,36 +201,34 @@ class SmoothingPlan:
         return total / (len(sources) + 1)
 
     def _accurate(self, key: str, t: int, frames: FrameAccess) -> torch.Tensor:
+        """As the original's accurate mode: every frame of the window, the target itself included, is warped to
+        the target in batches whose patch error compares against the mean of the batch's own remaps (recomputed
+        for every candidate match); the result is the mean of all the remaps."""
         first, last = self._window(t)
-        total = self._frame(frames.style(t)).clone()
-        count = 1
-        sources = [s for s in range(first, last + 1) if s != t]
+        sources = list(range(first, last + 1))
+        total = None
         for chunk_start in range(0, len(sources), self.config.batch_size):
             chunk = sources[chunk_start : chunk_start + self.config.batch_size]
             pairs = [(frames.guide(s), frames.style(s)) for s in chunk]
-            running_mean = total / count
-            for warped in self._warp_to(key, t, pairs, frames, running_mean, first_call=chunk_start):
-                total += warped.sum(dim=0)
-            count += len(chunk)
-        return total / count
+            for warped in self._warp_to(key, t, pairs, frames, "mean", first_call=chunk_start):
+                total = warped.sum(dim=0) if total is None else total + warped.sum(dim=0)
+        return total / len(sources)
 
     def _interpolation(self, key: str, t: int, frames: FrameAccess) -> torch.Tensor:
+        """As the original's interpolation mode: a frame between keyframes l and r is the blend of both keyframes'
+        styles warped to it, matched together (the pairwise error: the two warps must agree), weighted by
+        distance; before the first and after the last keyframe, that keyframe warped (paired with itself)."""
         keys = self.keyframes
         if t in keys:
             return self._frame(frames.style(t)).clone()
         position = bisect.bisect_left(keys, t)
-        neighbours = []  # (keyframe, weight)
-        if position > 0 and position < len(keys):
-            left, right = keys[position - 1], keys[position]
-            neighbours = [(left, float(right - t)), (right, float(t - left))]
-        elif position == 0:
-            neighbours = [(keys[0], 1.0)]
-        else:
-            neighbours = [(keys[-1], 1.0)]
-        pairs = [(frames.guide(k), frames.style(k)) for k, _ in neighbours]
-        warped = torch.cat(list(self._warp_to(key, t, pairs, frames)))
-        weights = torch.tensor([w for _, w in neighbours], device=self.device).view(-1, 1, 1, 1)
-        return (warped * weights).sum(dim=0) / weights.sum()
+        left = keys[max(position - 1, 0)]
+        right = keys[min(position, len(keys) - 1)]
+        pairs = [(frames.guide(left), frames.style(left)), (frames.guide(right), frames.style(right))]
+        warped_left, warped_right = next(self._warp_to(key, t, pairs, frames, "pairwise"))
+        if left == right:
+            return warped_left
+        return (warped_left * (right - t) + warped_right * (t - left)) / (right - left)
 
     def _block_value(self, block: blk.Block, frames: FrameAccess, tables: TableAccess) -> torch.Tensor:
         """A block's blend at its anchor: the style frame itself for level 0, else the stored table."""
