@@ -90,8 +90,12 @@ class DataConfig(Schema):
 
 
 class PipelineInputs(Schema):
-    prompt: str = ""
-    negative_prompt: str = ""
+    prompt: str | dict[int, str] = Field(
+        "", description="what to draw, with A1111 weighting: (word:1.3), (word) ×1.1, [word] ÷1.1, \\( for a "
+                        "literal bracket; or a prompt travel {frame: prompt} (frames counted from the rendered "
+                        "range's first), interpolated linearly between keys")
+    negative_prompt: str | dict[int, str] = Field(
+        "", description="what to avoid; the same syntax as prompt, and may also be a {frame: prompt} mapping")
     cfg_scale: float = Field(7.0, ge=0.0)
     clip_skip: int = Field(2, ge=1, description="2 = the penultimate text-encoder layer")
     denoising_strength: float = Field(1.0, gt=0.0, le=1.0)
@@ -110,6 +114,20 @@ class PipelineInputs(Schema):
                            "(unet_batch_size frames) at once, as the original's editing-signals recipe")
     smoother_progress_ids: list[int] = Field(
         default_factory=list, description="denoising steps (0-based) whose x0 is smoothed; -1 = the final frames")
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _prompt_travel_keys(cls, value):
+        """A prompt travel needs at least one key, and keys are frame indices (counted from the rendered range's
+        first frame), so never negative."""
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError("a prompt travel mapping needs at least one {frame: prompt} entry")
+            negative = [frame for frame in value if frame < 0]
+            if negative:
+                raise ValueError(f"prompt travel key {negative[0]} is negative; keys are frame indices from 0 (the "
+                                 "rendered range's first frame)")
+        return value
 
     @model_validator(mode="after")
     def _check(self):
@@ -156,9 +174,36 @@ class FastBlendSettings(Schema):
         return self
 
 
+class EnhanceSettings(Schema):
+    """A post-processor of the original's smoother chain: PIL's ImageEnhance with this factor."""
+    rate: float = Field(1.0, ge=0.0, description="1 leaves the frame as it is; above 1 strengthens, below weakens")
+
+
+SMOOTHER_SETTINGS = {"FastBlend": FastBlendSettings, "Contrast": EnhanceSettings, "Sharpness": EnhanceSettings}
+RIFE_FILE = "models/RIFE/flownet.pkl"
+
+
 class SmootherConfig(Schema):
-    processor_type: Literal["FastBlend"] = "FastBlend"
-    config: FastBlendSettings = Field(default_factory=FastBlendSettings)
+    """One entry of the smoother chain, run in order at each point of smoother_progress_ids (as the original):
+    FastBlend, then e.g. Contrast and Sharpness."""
+    processor_type: Literal["FastBlend", "Contrast", "Sharpness", "RIFE"] = "FastBlend"
+    config: FastBlendSettings | EnhanceSettings = Field(default_factory=FastBlendSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _settings_of_the_type(cls, data):
+        """Parse `config` with the settings of this processor type (the two kinds share no keys)."""
+        if not isinstance(data, dict):
+            return data
+        kind = data.get("processor_type", "FastBlend")
+        if kind == "RIFE":
+            raise ValueError(f"the RIFE smoother needs its interpolation network ({RIFE_FILE}, from the "
+                             "Practical-RIFE releases), which this renderer does not run; remove that entry "
+                             "(FastBlend, Contrast and Sharpness are supported)")
+        settings = SMOOTHER_SETTINGS.get(kind)
+        if settings is not None and isinstance(data.get("config", {}), dict):
+            data = dict(data, config=settings.model_validate(data.get("config") or {}))
+        return data
 
 
 class RenderConfig(Schema):
@@ -181,9 +226,10 @@ class RenderConfig(Schema):
                                  "input's width and height (ControlNet maps must match the frames)")
         return self
 
-    def fastblend_settings(self):
-        """The FastBlend settings smoothing uses: the first smoother config's, or the defaults."""
-        return self.smoother_configs[0].config if self.smoother_configs else FastBlendSettings()
+    def smoother_chain(self):
+        """[(processor type, settings)] run in order wherever smoothing happens; FastBlend's defaults when none is
+        given."""
+        return [(s.processor_type, s.config) for s in self.smoother_configs] or [("FastBlend", FastBlendSettings())]
 
     def controlnet_frames_for(self, unit_index):
         if self.data.controlnet_frames is None:

@@ -20,7 +20,7 @@ from .stages.denoise import DenoiseStepStage, DenoiseWindowsStage, denoising_sch
 from .stages.encode import VIDEO_KEY, EncodeStage
 from .stages.latents import InitialLatentsStage
 from .stages.prompts import PromptStage
-from .stages.smooth import InLoopX0Stage, SmoothStage
+from .stages.smooth import EnhanceStage, InLoopX0Stage, SmoothStage
 from .stages.vae_decode import VaeDecodeStage
 from .video import probe
 
@@ -93,16 +93,14 @@ def build_stages(ctx):
         smoothed = None
         if step_index in smooth_steps:
             x0 = InLoopX0Stage(ctx, step_index, latents, windows, denoising_schedule(ctx)[1][step_index])
-            smoothed = SmoothStage(ctx, f"smooth.{step_index:03d}.blend", input_crop, x0,
-                                   config.fastblend_settings(), ephemeral=True)
-            stages += [x0, smoothed]
+            stages.append(x0)
+            smoothed = smoother_chain(ctx, f"smooth.{step_index:03d}.blend", input_crop, x0, stages, ephemeral=True)
         latents = DenoiseStepStage(ctx, step_index, latents, windows, smoothed)
         stages.append(latents)
     decoded = VaeDecodeStage(ctx, latents)
     stages.append(decoded)
     if smooth_final:
-        decoded = SmoothStage(ctx, "smooth.final", input_crop, decoded, config.fastblend_settings())
-        stages.append(decoded)
+        decoded = smoother_chain(ctx, "smooth.final", input_crop, decoded, stages)
     fps = Fraction(config.data.fps).limit_denominator(1001 * 1000) if config.data.fps else input_source.fps
     audio = None
     if input_source.is_video:
@@ -110,6 +108,20 @@ def build_stages(ctx):
     size = (config.data.input_frames.width, config.data.input_frames.height)
     stages.append(EncodeStage(ctx, decoded, fps, audio, size, config.data.crf))
     return stages
+
+
+def smoother_chain(ctx, name, guide, frames, stages, ephemeral=False):
+    """The config's smoothers in order on `frames` (FastBlend guided by `guide`, then e.g. Contrast, Sharpness),
+    appended to `stages`; returns the last. The first keeps the plain `name` (a one-smoother chain is named as
+    before), the next ones `name.<i>.<type>`."""
+    for index, (kind, settings) in enumerate(ctx.config.smoother_chain()):
+        stage_name = name if index == 0 else f"{name}.{index}.{kind.lower()}"
+        if kind == "FastBlend":
+            frames = SmoothStage(ctx, stage_name, guide, frames, settings, ephemeral=ephemeral)
+        else:
+            frames = EnhanceStage(ctx, stage_name, frames, kind, settings.rate, ephemeral=ephemeral)
+        stages.append(frames)
+    return frames
 
 
 def render(config, progress=True, verify=False):

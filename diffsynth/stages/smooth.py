@@ -13,7 +13,9 @@ on demand through a small LRU: RAM holds about one window of frames.
 from collections import OrderedDict
 from dataclasses import asdict
 
+import numpy as np
 import torch
+from PIL import Image, ImageEnhance
 
 from ..cache import image_to_bytes, tensors_to_bytes
 from ..fastblend import FastBlendConfig, SmoothingPlan
@@ -161,3 +163,24 @@ class InLoopX0Stage(Stage):
         return image_to_bytes(decode_latent(self.ctx.models.vae, x0_from_eps(x_t, eps, self.alpha_t))), None
 
 
+
+
+class EnhanceStage(Stage):
+    """A post-processor of the smoother chain, per frame: PIL's ImageEnhance.Contrast or .Sharpness with `rate`,
+    as the original's Contrast and Sharpness smoothers."""
+    version = "1"
+
+    def __init__(self, ctx, name, frames, kind, rate, ephemeral=False):
+        super().__init__(ctx, [frames])
+        self.name, self.frames, self.kind, self.rate, self.ephemeral = name, frames, kind, rate, ephemeral
+
+    def params(self):
+        return {"kind": self.kind, "rate": self.rate}
+
+    def unit_keys(self):
+        return self.frames.frame_keys()
+
+    def compute(self, key):
+        enhancer = getattr(ImageEnhance, self.kind)  # Contrast or Sharpness
+        image = Image.fromarray(self.read_image(self.frames, key))
+        return image_to_bytes(np.asarray(enhancer(image).enhance(self.rate))), None
