@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
 from pydantic import ValidationError
 
 from .config import FastBlendSettings
@@ -91,10 +92,23 @@ def cmd_render(args):
     if Path(args.config).suffix == ".py":  # an original Diffutoon script: its config literal, never executed
         from .diffutoon import load_script_config
         config = load_script_config(args.config, args.overrides)
+    elif original_layout(args.config):  # a YAML/JSON config in the original's layout: converted as a script's
+        from .diffutoon import load_original_config
+        config = load_original_config(yaml.safe_load(Path(args.config).read_text()), args.overrides)
     else:
         config = load_config(args.config, args.overrides)
     video = render(config, progress=not args.no_progress, verify=getattr(args, "verify", False))
     print(video)
+
+
+def original_layout(path):
+    """Whether a YAML/JSON config file is in the original Diffutoon's layout (false for anything unreadable: the
+    normal loader then reports it)."""
+    from .diffutoon import is_original_layout
+    try:
+        return is_original_layout(yaml.safe_load(Path(path).read_text()))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
 
 
 def cmd_demo(args):

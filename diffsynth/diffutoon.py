@@ -122,6 +122,13 @@ class SDVideoPipelineRunner:
         return render(render_config, progress=True)
 
 
+def is_original_layout(data):
+    """True for a config dict in the original's layout: its pipeline_inputs carry the keys the original runner fills
+    in from `data` (input_frames, num_frames, width, height, controlnet_frames), which this schema does not have."""
+    inputs = ((data or {}).get("pipeline") or {}).get("pipeline_inputs") if isinstance(data, dict) else None
+    return isinstance(inputs, dict) and any(key in inputs for key in FILLED_IN_FROM_DATA)
+
+
 def load_original_config(original, overrides=(), base_folder=None):
     """An original config dict → this project's validated RenderConfig, with relative paths made absolute against
     `base_folder` (default: the current folder, as in the original). `overrides` are `--set key.path=value`

@@ -479,3 +479,19 @@ def test_render_of_a_refused_script_is_one_line_and_exit_code_2(tmp_path):
                                     "line 8)")
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (REPO / "never.marker").exists() and not (tmp_path / "never.marker").exists()
+
+
+def test_a_json_config_in_the_original_layout_is_converted_by_render(tmp_path, monkeypatch, capsys):
+    """An original config saved as JSON (or YAML) is recognised by its pipeline_inputs placeholders and converted
+    as a script's literal: relative paths against the current folder. Here it stops at the missing models — after
+    conversion, so the message names this project's key and the file the original layout pointed at."""
+    import json
+
+    from diffsynth.cli import main
+    from diffsynth.diffutoon import is_original_layout
+    assert is_original_layout(TOON_SHADING) and not is_original_layout({"pipeline": {"pipeline_inputs": {}}})
+    (tmp_path / "original.json").write_text(json.dumps(TOON_SHADING))
+    monkeypatch.chdir(tmp_path)
+    assert main(["render", "original.json", "--set", "models.device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "model file not found" in err and str(tmp_path / SD) in err and len(err.strip().splitlines()) == 1
