@@ -367,7 +367,11 @@ def draw_model(model, prefix, errors, which="all"):
         if spec.kind == "section":
             if which != "advanced":  # a section's own problems (give exactly one of …) once, with its open fields
                 show_errors(errors, path, leaf=False)
-            draw_model(spec.model, path, errors, which)
+            section = F.section_model(spec, lambda name: ss.get(F.widget_key(prefix + (name,))))
+            for key, value in F.state_from_data({}, section, path).items():
+                if key not in ss:  # switched to another processor type: its fields start at the schema defaults
+                    ss[key] = value
+            draw_model(section, path, errors, which)
         elif spec.kind == "list_section":
             draw_list(spec, path, errors)
         else:

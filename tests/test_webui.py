@@ -237,13 +237,14 @@ def test_stage_titles_say_what_each_stage_does():
     from diffsynth.webui.labels import denoising_steps, field_help, field_label, is_basic, stage_title
     names = ["decode", "crop", "annotate.0.tile", "annotate.1.canny", "prompts", "latents", "denoise.000.windows",
              "denoise.000.step", "denoise.001.windows", "smooth.001.x0", "smooth.001.blend", "denoise.001.step",
-             "vae_decode", "smooth.final", "encode"]
+             "vae_decode", "smooth.final", "smooth.final.1.contrast", "smooth.001.blend.2.sharpness", "encode"]
     steps = denoising_steps(names)
     assert steps == 2
     assert stage_title("denoise.000.windows", steps) == "Denoising, step 1 of 2"
     assert stage_title("denoise.001.step", steps) == "Denoising, step 2 of 2: blending the windows"
     assert stage_title("annotate.1.canny") == "Tracing edges for guide 2"
     assert stage_title("smooth.001.blend", steps) == "Smoothing after step 2 of 2"
+    assert stage_title("smooth.final.1.contrast", steps) == "Smoothing the final frames: contrast"
     titles = [stage_title(name, steps) for name in names]
     assert not any("." in title for title in titles), titles  # no internal stage ids left
     assert len(set(titles)) == len(titles)
@@ -334,13 +335,40 @@ def test_progress_is_read_from_the_manifest_without_reading_every_row(settings):
     make_manifest(run, [("decode", 5000), ("vae_decode", 5000), ("encode", 5001)], units,
                   outcome={"state": "interrupted", "message": "interrupted: stopped"})
     manifest = R.read_manifest(run)
-    assert len(manifest["units"]) == R.TIMING_SAMPLE + 12  # the newest finishes of each stage, not 5012 rows
+    timings = manifest["timings"]
+    assert len(timings.units()) == R.TIMING_SAMPLE + 12  # the newest finishes of each stage, not 5012 rows
     assert [s["done"] for s in manifest["stages"]] == [5000, 12, 0]
     assert manifest["stages"][0]["bytes"] == 500_000 and manifest["stages"][0]["complete"]
     assert manifest["frames"] == list(range(10))  # frames still on disk, in order
-    assert manifest["elapsed"] == pytest.approx(4999 * 0.01 + 11 * 1.0, rel=1e-6)  # the 950 s pause left out
+    assert timings.elapsed == pytest.approx(4999 * 0.01 + 11 * 1.0, rel=1e-6)  # the 950 s pause left out
+    # the next refresh reads only the rows added since: two more decoded frames
+    from diffsynth.cache import RunCache
+    cache = RunCache(run)
+    cache.db.executemany("INSERT INTO units VALUES ('vae_decode', ?, ?, 100, 'c', ?)",
+                         [(f"{i:06d}.safetensors", f"cache/vae_decode/{i:06d}.safetensors", t0 + 1000 + i)
+                          for i in (12, 13)])
+    cache.close()
+    manifest = R.read_manifest(run)
+    assert manifest["timings"] is timings and timings.rows_last_read == 2
+    assert manifest["stages"][1]["done"] == 14 and manifest["frames"] == [*range(10), 12, 13]
+    assert timings.elapsed == pytest.approx(4999 * 0.01 + 13 * 1.0, rel=1e-6)
     report = R.read_progress(run)
     assert report["state"] == "interrupted" and report["message"] == "interrupted: stopped"
-    assert report["done"] == 5012 and report["total"] == 15001
+    assert report["done"] == 5014 and report["total"] == 15001
     assert report["metrics"]["current_stage"] == "vae_decode"
     assert report["metrics"]["stage_rate"] == pytest.approx(1.0)
+
+
+def test_a_smoother_chain_entry_follows_its_processor_type():
+    """smoother_configs[].config is FastBlend's settings or an enhancer's, chosen by processor_type (as the config
+    validation does): the form shows and round-trips the right fields for each."""
+    data = {"smoother_configs": [{"processor_type": "FastBlend", "config": {"window_size": 5}},
+                                 {"processor_type": "Contrast", "config": {"rate": 1.4}}]}
+    state = F.state_from_data(data)
+    assert state["f:smoother_configs.0.config.window_size"] == 5
+    assert state["f:smoother_configs.1.config.rate"] == 1.4
+    assert "f:smoother_configs.1.config.window_size" not in state
+    back = F.data_from_state(state)["smoother_configs"]
+    assert back[0]["config"]["window_size"] == 5 and back[1]["config"] == {"rate": 1.4}
+    state["f:smoother_configs.1.processor_type"] = "FastBlend"  # switched in the form: FastBlend's fields
+    assert F.data_from_state(state)["smoother_configs"][1]["config"]["inference_mode"] == "fast"

@@ -97,6 +97,13 @@ def test_form_is_built_from_the_schema_with_its_defaults(output_root):
     assert len(at.multiselect(key="f:models.model_list").value) == 2
     assert at.number_input(key="f:models.controlnet_units.1.scale").value == 0.5
     assert any("aspect 1:1" in c.value for c in at.caption)
+    # a smoother chain entry switched to Contrast shows the enhancer's field at its schema default
+    count = at.session_state["n:smoother_configs"]
+    at.button(key="add:smoother_configs").click().run()
+    at.selectbox(key=f"f:smoother_configs.{count}.processor_type").set_value("Contrast").run()
+    assert not at.exception, at.exception
+    assert at.number_input(key=f"f:smoother_configs.{count}.config.rate").value == 1.0
+    assert not [w for w in at.number_input if w.key == f"f:smoother_configs.{count}.config.window_size"]
 
 
 def test_bad_values_show_field_errors_and_launch_nothing(output_root):

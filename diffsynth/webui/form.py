@@ -16,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import PydanticUndefined
 
-from ..config import RenderConfig, Schema, error_line, map_paths, parse_config, path_kind
+from ..config import SMOOTHER_SETTINGS, RenderConfig, Schema, error_line, map_paths, parse_config, path_kind
 from ..errors import UserError
 from .paths import confine, run_folder
 
@@ -33,6 +33,7 @@ class FieldSpec:
     description: str
     choices: tuple = ()
     model: type = None   # the sub-schema of a section or list_section
+    models: tuple = ()   # a section that is one of several schemas: all of them (model is the default one)
     item_type: type = None
     path_kind: str = None
     constraints: dict = None
@@ -79,6 +80,10 @@ def field_spec(name, info):
     origin = typing.get_origin(annotation)
     if _is_schema(annotation):
         return FieldSpec(kind="section", model=annotation, **spec)
+    if origin in (typing.Union, types.UnionType) and all(_is_schema(a) for a in typing.get_args(annotation)):
+        models = typing.get_args(annotation)  # the smoother chain's config: FastBlendSettings | EnhanceSettings
+        default_model = type(spec["default"]) if type(spec["default"]) in models else models[0]
+        return FieldSpec(kind="section", model=default_model, models=models, **spec)
     if origin is Literal:
         return FieldSpec(kind="choice", choices=tuple(typing.get_args(annotation)), **spec)
     if origin is list:
@@ -99,6 +104,15 @@ def field_spec(name, info):
     return FieldSpec(kind="text" if name in TEXT_AREA_FIELDS else "str", **spec)
 
 
+def section_model(spec, sibling):
+    """The schema a section follows. A section that is one of several schemas (a smoother's `config`) follows its
+    sibling `processor_type`, as the config's own validation does; `sibling(name)` reads a sibling's value."""
+    if not spec.models:
+        return spec.model
+    chosen = SMOOTHER_SETTINGS.get(sibling("processor_type"))
+    return chosen if chosen in spec.models else spec.model
+
+
 def fields_of(model):
     """The form fields of a schema class, in the schema's order."""
     return [field_spec(name, info) for name, info in model.model_fields.items()]
@@ -111,7 +125,8 @@ def walk(model=RenderConfig, prefix=()):
         path = prefix + (spec.name,)
         yield path, spec
         if spec.kind == "section":
-            yield from walk(spec.model, path)
+            for section in spec.models or (spec.model,):
+                yield from walk(section, path)
         elif spec.kind == "list_section":
             yield from walk(spec.model, path + ("*",))
 
@@ -212,7 +227,8 @@ def state_from_data(data, model=RenderConfig, prefix=()):
         path = prefix + (spec.name,)
         value = data.get(spec.name, defaults.get(spec.name))
         if spec.kind == "section":
-            state.update(state_from_data(value, spec.model, path))
+            section = section_model(spec, lambda name: data.get(name, defaults.get(name)))
+            state.update(state_from_data(value, section, path))
         elif spec.kind == "list_section":
             items = value if isinstance(value, list) else []
             state[count_key(path)] = len(items)
@@ -230,7 +246,8 @@ def data_from_state(state, model=RenderConfig, prefix=()):
     for spec in fields_of(model):
         path = prefix + (spec.name,)
         if spec.kind == "section":
-            data[spec.name] = data_from_state(state, spec.model, path)
+            section = section_model(spec, lambda name: state.get(widget_key(prefix + (name,)), defaults.get(name)))
+            data[spec.name] = data_from_state(state, section, path)
         elif spec.kind == "list_section":
             count = int(state.get(count_key(path), 0) or 0)
             items = [data_from_state(state, spec.model, path + (index,)) for index in range(count)]

@@ -48,6 +48,7 @@ FIELDS = {
     "smoother_configs.*.processor_type": ("Smoother", False),
     "smoother_configs.*.config.inference_mode": ("Smoothing mode", False),
     "smoother_configs.*.config.window_size": ("Smoothing window (frames each side)", False),
+    "smoother_configs.*.config.rate": ("Strength (1 = unchanged)", False),
 }
 
 
@@ -84,7 +85,8 @@ STAGE_TITLES = {
     "encode": "Writing the frames and the video",
 }
 PROCESSOR_NAMES = {"tile": "detail", "canny": "edges", "lineart": "line art", "lineart_coarse": "coarse line art",
-                   "lineart_anime": "anime line art", "softedge": "soft edges", "depth": "depth"}
+                   "lineart_anime": "anime line art", "softedge": "soft edges", "depth": "depth",
+                   "openpose": "poses"}
 
 
 def denoising_steps(stage_names):
@@ -97,6 +99,9 @@ def stage_title(name, steps=None):
     if name in STAGE_TITLES:
         return STAGE_TITLES[name]
     of = f" of {steps}" if steps else ""
+    match = re.fullmatch(r"(smooth\.(?:final|\d+\.blend))\.(\d+)\.(\w+)", name)
+    if match:  # a later smoother of the chain (smooth.final.1.contrast): the smoothing it follows, and what it does
+        return f"{stage_title(match.group(1), steps)}: {match.group(3)}"
     match = re.fullmatch(r"denoise\.(\d+)\.(windows|step)", name)
     if match:
         step = int(match.group(1)) + 1

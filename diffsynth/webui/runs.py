@@ -14,7 +14,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -188,15 +190,61 @@ def _connect_read_only(run_dir):
     return sqlite3.connect(f"file:{Path(run_dir) / 'manifest.sqlite'}?mode=ro", uri=True, timeout=5)
 
 
-# Finish times kept per stage for the rates: enough for a steady estimate, bounded however long the video is, so a
-# refresh costs the same on a 48-frame clip and on a 10,000-frame film.
+# Finish times kept per stage for the rates: enough for a steady estimate, bounded however long the video is.
 TIMING_SAMPLE = 64
+PAUSE_SECONDS = 60.0  # a gap between two finishes longer than this is a pause (interrupted, resumed later), not work
 
 
-def read_manifest(run_dir):
-    """What the page needs from manifest.sqlite, in a few aggregate queries: per stage done/total/bytes, the
-    render's recorded outcome, the newest TIMING_SAMPLE finish times per stage (for rates), the seconds of work so
-    far and the newest finished frame's index. None when there is no readable manifest."""
+class Timings:
+    """The finish times a run page needs, read incrementally: each refresh reads only the manifest rows added since
+    the last one (by rowid, which grows in finishing order), so a refresh costs the same on a 48-frame clip and on a
+    10,000-frame film. Keeps the newest TIMING_SAMPLE finish times per stage and the seconds of work so far (the gaps
+    between consecutive finishes, pauses left out)."""
+
+    def __init__(self):
+        self.last_rowid = 0
+        self.last_finished = None
+        self.elapsed = 0.0
+        self.recent = {}  # stage → deque of its newest finish times
+        self.rows_last_read = 0  # how many rows the last refresh read (the tests check it stays small)
+
+    def read_new_rows(self, db):
+        rows = db.execute("SELECT rowid, stage, finished FROM units WHERE rowid > ? ORDER BY rowid",
+                          (self.last_rowid,)).fetchall()
+        for rowid, stage, finished in rows:
+            if self.last_finished is not None and 0 <= finished - self.last_finished <= PAUSE_SECONDS:
+                self.elapsed += finished - self.last_finished
+            self.last_finished = finished
+            self.recent.setdefault(stage, deque(maxlen=TIMING_SAMPLE)).append(finished)
+            self.last_rowid = rowid
+        self.rows_last_read = len(rows)
+
+    def units(self):
+        """(stage, key, path, finished) rows for progress_metrics (keys and paths are not needed there)."""
+        return sorted(((stage, None, None, t) for stage, times in self.recent.items() for t in times),
+                      key=lambda row: row[3])
+
+
+_timings = {}  # (run folder, manifest inode) → Timings; a re-created manifest starts afresh
+_timings_lock = threading.Lock()  # Streamlit draws each browser session in its own thread
+
+
+def _run_timings(run_dir, db):
+    manifest = Path(run_dir) / "manifest.sqlite"
+    key = (str(Path(run_dir).resolve()), manifest.stat().st_ino)
+    with _timings_lock:
+        timings = _timings.get(key)
+        newest = db.execute("SELECT MAX(rowid) FROM units").fetchone()[0] or 0
+        if timings is None or newest < timings.last_rowid:  # rows deleted at the end: read again from the start
+            timings = _timings[key] = Timings()
+        timings.read_new_rows(db)
+        return timings
+
+
+def read_manifest(run_dir, with_timings=True):
+    """What the page needs from manifest.sqlite: per stage done/total/bytes (one aggregate query), the render's
+    recorded outcome, the finished frames still on disk, and (with_timings) the Timings of the run. None when
+    there is no readable manifest."""
     if not (Path(run_dir) / "manifest.sqlite").is_file():
         return None
     try:
@@ -213,21 +261,14 @@ def read_manifest(run_dir):
                            "retired": bool(retired), "bytes": 0 if retired else size})
         row = db.execute("SELECT value FROM run WHERE key = 'outcome'").fetchone()
         outcome = json.loads(row[0]) if row else {}
-        units = db.execute(
-            "SELECT stage, key, path, finished FROM (SELECT stage, key, path, finished, ROW_NUMBER() OVER "
-            "(PARTITION BY stage ORDER BY finished DESC) AS newest FROM units) WHERE newest <= ? ORDER BY finished",
-            (TIMING_SAMPLE,)).fetchall()
-        # Seconds of work: the gaps between consecutive finishes, leaving out pauses (interrupted, resumed later).
-        elapsed = db.execute(
-            "SELECT COALESCE(SUM(gap), 0) FROM (SELECT finished - LAG(finished) OVER (ORDER BY finished) AS gap "
-            "FROM units) WHERE gap <= ?", (PAUSE_SECONDS,)).fetchone()[0]
         frame_rows = db.execute(
             "SELECT stage, key FROM units WHERE stage IN ('encode', 'vae_decode') AND size > 0").fetchall()
-    except (sqlite3.Error, ValueError):
+        timings = _run_timings(run_dir, db) if with_timings else None
+    except (sqlite3.Error, ValueError, OSError):
         return None
     finally:
         db.close()
-    return {"stages": stages, "outcome": outcome, "units": units, "elapsed": float(elapsed),
+    return {"stages": stages, "outcome": outcome, "timings": timings,
             "frames": sorted({index for index in map(_frame_of_row, frame_rows) if index is not None})}
 
 
@@ -244,9 +285,6 @@ def _frame_of_row(row):
 def _family(name):
     """Stages that do the same work per unit: denoise.003.windows ~ denoise.000.windows."""
     return ".".join("#" if part.isdigit() else part for part in name.split("."))
-
-
-PAUSE_SECONDS = 60.0  # a gap between two finishes longer than this is a pause (interrupted, resumed later), not work
 
 
 def _active_seconds(times, gap=None):
@@ -348,14 +386,14 @@ def read_frame(file):
         return None
 
 
-def read_progress(run_dir):
+def read_progress(run_dir, with_timings=True):
     """Everything the run page shows, read from the run folder. state: new, starting, running, complete,
-    interrupted or failed."""
+    interrupted or failed. Without timings (the runs list), the metrics are left empty."""
     run_dir = Path(run_dir)
     report = {"run_dir": str(run_dir), "name": run_dir.name, "state": "new", "stages": [], "message": None,
               "video": None, "frames": [], "log": "", "process_log": tail(run_dir / PROCESS_LOG, 15),
               "pid": render_pid(run_dir), "metrics": progress_metrics([], [])}
-    manifest = read_manifest(run_dir)
+    manifest = read_manifest(run_dir, with_timings)
     if manifest is not None:
         stages, outcome = manifest["stages"], manifest["outcome"]
         complete = bool(stages) and all(stage["complete"] for stage in stages)
@@ -366,8 +404,10 @@ def read_progress(run_dir):
         else:  # a killed process recorded nothing after "running": that is an interruption too
             state = "failed" if outcome.get("state") == "failed" else "interrupted"
         report.update(state=state, stages=stages, message=outcome.get("message"), frames=manifest["frames"],
-                      video=str(run_dir / "video.mp4") if complete else None,
-                      metrics=progress_metrics(stages, manifest["units"], elapsed_seconds=manifest["elapsed"]))
+                      video=str(run_dir / "video.mp4") if complete else None)
+        timings = manifest["timings"]
+        if timings is not None:
+            report["metrics"] = progress_metrics(stages, timings.units(), elapsed_seconds=timings.elapsed)
     elif (run_dir / "manifest.sqlite").is_file():
         report.update(state="failed", message="manifest.sqlite cannot be read")
     if report["state"] != "running":
@@ -406,7 +446,7 @@ def list_runs(settings):
         if not any((folder / name).exists() for name in ("manifest.sqlite", CONFIG_NAME, PID_FILE)):
             continue
         try:
-            report = read_progress(folder)
+            report = read_progress(folder, with_timings=False)
         except Exception as error:  # noqa: BLE001 - one broken folder must not hide the others
             report = {"name": folder.name, "state": "failed", "message": str(error), "done": 0, "total": 0}
         report["mtime"] = max((folder / n).stat().st_mtime for n in ("manifest.sqlite", CONFIG_NAME, PID_FILE)

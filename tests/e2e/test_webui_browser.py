@@ -251,8 +251,8 @@ def test_an_artist_uploads_renders_cancels_resumes_and_opens_runs(chromium, serv
             resume.click()  # the page follows the resumed render until it completes, without a reload
             expect(heading(page)).to_contain_text("browser-demo: complete", timeout=300_000)
             assert page.evaluate("window.__notReloaded === true"), "the page was reloaded"
-            expect(main.get_by_text("result, frame 47")).to_be_visible()
-            expect(main.get_by_text("source, frame 47")).to_be_visible()
+            expect(main.get_by_text("result, frame 47").first).to_be_visible()
+            expect(main.get_by_text("source, frame 47").first).to_be_visible()
             expect(page.get_by_role("button", name="Download video.mp4")).to_be_visible()
             page.wait_for_timeout(1000)
             page.screenshot(path=str(ARTIFACTS / "webui-side-by-side.png"), full_page=True)
