@@ -28,6 +28,7 @@ from ..schedule import (
 )
 from .base import Stage, frame_index, frame_key
 from .latents import image_to_vae_input
+from .prompts import PromptTimeline
 
 
 def denoising_schedule(ctx):
@@ -58,6 +59,7 @@ class DenoiseWindowsStage(Stage):
         self.num_frames = num_frames
         self.windows = window_plan(ctx, num_frames)
         self.timestep = denoising_schedule(ctx)[0][step_index]
+        self.prompt_timeline = PromptTimeline(prompts)
 
     def params(self):
         inputs = self.ctx.config.pipeline.pipeline_inputs
@@ -78,9 +80,16 @@ class DenoiseWindowsStage(Stage):
         start, end = self.windows[int(key[1:].split(".")[0])]
         frames = [frame_key(i) for i in range(start, end)]
         control_frames = [frame_key(i) for i in self.residuals.frames_computed_with(start, end)]
-        return ([(self.prompts, "embeddings.safetensors")] + [(self.latents, k) for k in control_frames]
+        return (self.prompt_timeline.reads(self.frames_with_text(start, end))
+                + [(self.latents, k) for k in control_frames]
                 + [(source, k) for source in self.control_sources for k in control_frames]
                 + [(self.latents, k) for k in frames if k not in control_frames])
+
+    def frames_with_text(self, start, end):
+        """The frames whose text embeddings window [start, end) uses: its own, and those its ControlNet groups
+        compute (a group may reach past the window)."""
+        control_frames = self.residuals.frames_computed_with(start, end)
+        return range(min([start, *control_frames]), max([end, *(i + 1 for i in control_frames)]))
 
     @cached_property
     def residuals(self):
@@ -103,12 +112,14 @@ class DenoiseWindowsStage(Stage):
         inputs = self.ctx.config.pipeline.pipeline_inputs
         latents = self.read_latents(range(start, end))
         frames = end - start
-        embeddings = self.read_tensors(self.prompts, "embeddings.safetensors")
+        # Each frame's own text embedding (one per CFG half; the same for every frame without prompt travel).
+        frame_embeddings = self.prompt_timeline.load(self, self.frames_with_text(start, end))
         # Classifier-free guidance in one batch: [negative × frames, positive × frames].
-        text = torch.cat([embeddings["negative"].expand(frames, -1, -1), embeddings["positive"].expand(frames, -1, -1)])
+        text = torch.cat([frame_embeddings("negative", range(start, end)),
+                          frame_embeddings("positive", range(start, end))])
         sample = torch.cat([latents, latents]).to(device, dtype)
         text = text.to(device, dtype)
-        down_residuals, mid_residual = self.residuals.window(start, end, embeddings)
+        down_residuals, mid_residual = self.residuals.window(start, end, frame_embeddings)
         next_start = self.windows[j + 1][0] if j + 1 < len(self.windows) else end
         self.residuals.forget_before(next_start)  # the next window needs only frames from its start on
         eps = self._unet(sample, text, down_residuals, mid_residual, frames, inputs).float().cpu()
@@ -226,21 +237,22 @@ class ControlNetResiduals:
         for index in [i for i in self.kept if i < start]:
             del self.kept[index]
 
-    def window(self, start, end, embeddings):
+    def window(self, start, end, frame_embeddings):
         """(down residuals, mid residual) for the window's batch [negative × frames, positive × frames], summed over
-        the ControlNet units, or (None, None) without ControlNets."""
+        the ControlNet units, or (None, None) without ControlNets. `frame_embeddings(half, indices)` gives the text
+        embeddings of the frames of every group the window touches."""
         if not self.stage.control_sources:
             return None, None
         for first in range(start // self.group * self.group, end, self.group):
             if any(i not in self.kept for i in range(max(first, start), end) if i < first + self.group):
-                self._compute_group(first, min(first + self.group, self.num_frames), embeddings)
+                self._compute_group(first, min(first + self.group, self.num_frames), frame_embeddings)
         frames = [self.kept[i] for i in range(start, end)]
         levels = len(frames[0][0])
         down = [torch.cat([f[0][level][half:half + 1] for half in (0, 1) for f in frames]) for level in range(levels)]
         mid = torch.cat([f[1][half:half + 1] for half in (0, 1) for f in frames])
         return down, mid
 
-    def _compute_group(self, first, end, embeddings):
+    def _compute_group(self, first, end, frame_embeddings):
         stage = self.stage
         models = stage.ctx.models
         device, dtype = models.device, models.dtype
@@ -249,7 +261,7 @@ class ControlNetResiduals:
         conditions = stage.read_conditions(indices)
         halves = []
         for half in ("negative", "positive"):
-            text = embeddings[half].expand(len(indices), -1, -1).contiguous().to(device, dtype)
+            text = frame_embeddings(half, indices).contiguous().to(device, dtype)
             down_total, mid_total = None, None
             for unit, controlnet, condition in zip(stage.ctx.config.models.controlnet_units, models.controlnets,
                                                    conditions):
