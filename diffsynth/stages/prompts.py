@@ -264,13 +264,15 @@ class PromptStage(Stage):
 
 def interpolation_between(keys, index):
     """(key before, key after, t) for frame `index` among the sorted keyframe indices `keys`: its embedding is
-    (1 - t) × before + t × after. At a key t is 0; outside the keys, the nearest key holds."""
+    (1 - t) × before + t × after. At a key, (key, key, 0); outside the keys, the nearest key holds."""
     if index <= keys[0]:
         return keys[0], keys[0], 0.0
     if index >= keys[-1]:
         return keys[-1], keys[-1], 0.0
     after = bisect.bisect_right(keys, index)
     before_key, after_key = keys[after - 1], keys[after]
+    if index == before_key:  # at a key: that key alone (a window reads only the keys it uses)
+        return before_key, before_key, 0.0
     return before_key, after_key, (index - before_key) / (after_key - before_key)
 
 
