@@ -580,15 +580,6 @@ def draw_progress(run_dir, refreshing):
             "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0)})
     else:
         st.info("Waiting for the render to plan its stages…" if state in R.ACTIVE_STATES else "No stages yet.")
-    if report["video"]:
-        st.subheader("Result")
-        video_path = Path(report["video"])
-        player, side = st.columns([2, 1])
-        player.video(str(video_path))
-        # A deferred download: the file is read when the button is pressed, not into memory on every rerun.
-        side.download_button("Download video.mp4", lambda: video_path.open("rb"), file_name=f"{report['name']}.mp4",
-                             mime="video/mp4", key="download_video", type="primary")
-        side.caption(f"{video_path} · {video_path.stat().st_size / 1e6:.2f} MB")
     with st.expander("Log"):
         st.code(report["log"] or "(no render.log yet)", language=None)
         if report["process_log"]:
@@ -608,13 +599,27 @@ def draw_run(name):
     if not run_dir.is_dir():
         st.error(f"There is no run folder {name!r} under {settings.output}.")
         return
-    refreshing = R.read_progress(run_dir)["state"] in R.ACTIVE_STATES
+    report = R.read_progress(run_dir)
+    refreshing = report["state"] in R.ACTIVE_STATES
 
     @st.fragment(run_every=REFRESH_SECONDS if refreshing else None)
     def live():
         draw_progress(run_dir, refreshing)
 
     live()
+    if report["video"]:
+        draw_result(report)  # outside the fragment: scrubbing frames does not send the video again
+
+
+def draw_result(report):
+    st.subheader("Result")
+    video_path = Path(report["video"])
+    player, side = st.columns([2, 1])
+    player.video(str(video_path))
+    # A deferred download: the file is read when the button is pressed, not into memory on every rerun.
+    side.download_button("Download video.mp4", lambda: video_path.open("rb"), file_name=f"{report['name']}.mp4",
+                         mime="video/mp4", key="download_video", type="primary")
+    side.caption(f"{video_path} · {video_path.stat().st_size / 1e6:.2f} MB")
 
 
 # --- the runs list ----------------------------------------------------------------------------------------------------

@@ -242,3 +242,41 @@ def test_the_run_page_names_stages_for_what_they_do_and_lists_them_all(output_ro
     # nothing of the current stage (crop) has been timed: no made-up ETA
     assert [m.value for m in at.metric if m.label == "Time left"] == ["estimating…"]
     assert "**Now:** Cropping and resizing" in [m.value for m in at.markdown]
+
+
+def test_the_newest_frame_beside_its_source_and_a_scrubber_over_finished_frames(output_root):
+    """A run with four finished frames: the newest is shown beside the source frame it was made from; turning
+    'follow' off gives a slider over the finished frames, and each position shows that frame's pair."""
+    import numpy as np
+
+    from diffsynth.cache import RunCache, image_to_bytes, image_to_png
+    run = output_root / "frames"
+    cache = RunCache(run)
+    cache.db.execute("INSERT INTO stages (name, fingerprint, total, position) VALUES ('crop', 'f', 6, 0)")
+    cache.db.execute("INSERT INTO stages (name, fingerprint, total, position) VALUES ('encode', 'f', 7, 1)")
+    (run / "frames").mkdir()
+    (run / "cache" / "crop").mkdir(parents=True)
+    for index in range(6):
+        source = np.full((24, 32, 3), index * 10, np.uint8)
+        (run / "cache" / "crop" / f"{index:06d}.safetensors").write_bytes(image_to_bytes(source))
+        cache.db.execute("INSERT INTO units VALUES ('crop', ?, ?, 10, 'c', ?)",
+                         (f"{index:06d}.safetensors", f"cache/crop/{index:06d}.safetensors", 1e6 + index))
+    for index in range(4):
+        (run / "frames" / f"{index:05d}.png").write_bytes(image_to_png(np.full((24, 32, 3), 200, np.uint8)))
+        cache.db.execute("INSERT INTO units VALUES ('encode', ?, ?, 10, 'c', ?)",
+                         (f"frames/{index:05d}.png", f"frames/{index:05d}.png", 1e6 + 10 + index))
+    cache.close()
+    at = AppTest.from_file(str(REPO / "webui.py"), default_timeout=60)
+    at.query_params["run"] = "frames"
+    at.run()
+    assert not at.exception, at.exception
+    captions = [c.value for c in at.caption]
+    assert "result, frame 3" in captions and "source, frame 3" in captions
+    assert len(at.get("image")) == 2
+    at.toggle(key="follow:frames").set_value(False).run()
+    slider = at.slider(key="scrub:frames")
+    assert (slider.min, slider.max, slider.value) == (0, 3, 3)
+    slider.set_value(1).run()
+    captions = [c.value for c in at.caption]
+    assert "result, frame 1" in captions and "source, frame 1" in captions
+    assert "result, frame 3" not in captions
