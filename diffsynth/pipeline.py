@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from .cache import RunCache, atomic_write, storage_error
+from .cache import RunCache, atomic_write, check_run_folder, storage_error
 from .config import RenderConfig, config_json
 from .errors import Interrupted, UserError
 from .models.loader import ModelStore
@@ -126,41 +126,45 @@ def smoother_chain(ctx, name, guide, frames, stages, ephemeral=False):
 
 def render(config, progress=True, verify=False):
     """Run or resume the render of `config` in its output folder; returns the path of video.mp4. `verify`: check
-    every cached unit's checksum before starting (see run_stages)."""
+    every cached unit's checksum before starting (see run_stages).
+
+    The inputs (videos, model files) are checked before the run folder is created or touched, so a bad input
+    leaves no folder behind and changes nothing in an existing one."""
     run_dir = Path(config.data.output_folder)
-    cache = RunCache(run_dir)
-    try:
-        cache.lock()
-        handler = log_to(run_dir / "render.log")
+    check_run_folder(run_dir)
+    with StopFlag() as stop:  # from here on, SIGINT/SIGTERM mean "stop cleanly" (exit code 3)
+        ctx = RenderContext(config, None, ModelStore(config.models))
+        stages = build_stages(ctx)
+        cache = ctx.cache = RunCache(run_dir)
         try:
-            atomic_write(run_dir / "config.json", config_json(config).encode())
-            with StopFlag() as stop:  # from here on, SIGINT/SIGTERM mean "stop cleanly" (exit code 3)
-                ctx = RenderContext(config, cache, ModelStore(config.models))
-                stages = build_stages(ctx)
+            cache.lock()
+            handler = log_to(run_dir / "render.log")
+            try:
+                atomic_write(run_dir / "config.json", config_json(config).encode())
                 log.info("render of %s: %d stages", run_dir, len(stages))
                 cache.set_value("outcome", {"state": "running", "pid": os.getpid()})
                 report = run_stages(stages, cache, progress=progress, stop=stop, verify=verify)
-            cache.set_value("outcome", {"state": "complete"})
-            log.info("render complete: %s", run_dir / VIDEO_KEY)
-            print(report.summary, file=sys.stderr, flush=True)
-        except Interrupted as interruption:
-            record_outcome(cache, {"state": "interrupted", "message": str(interruption)})
-            log.warning("interrupted: %s", interruption)
-            raise
-        except Exception as error:  # noqa: BLE001 - record why, then let the CLI report it
-            error = storage_error(error, run_dir) or error
-            record_outcome(cache, {"state": "failed", "message": str(error).splitlines()[0] if str(error)
-                                   else type(error).__name__})
-            if isinstance(error, UserError):
-                log.error("render stopped: %s", error)
-                raise error from None
-            log.exception("render failed")
-            raise
+                cache.set_value("outcome", {"state": "complete"})
+                log.info("render complete: %s", run_dir / VIDEO_KEY)
+                print(report.summary, file=sys.stderr, flush=True)
+            except Interrupted as interruption:
+                record_outcome(cache, {"state": "interrupted", "message": str(interruption)})
+                log.warning("interrupted: %s", interruption)
+                raise
+            except Exception as error:  # noqa: BLE001 - record why, then let the CLI report it
+                error = storage_error(error, run_dir) or error
+                record_outcome(cache, {"state": "failed", "message": str(error).splitlines()[0] if str(error)
+                                       else type(error).__name__})
+                if isinstance(error, UserError):
+                    log.error("render stopped: %s", error)
+                    raise error from None
+                log.exception("render failed")
+                raise
+            finally:
+                logging.getLogger("diffsynth").removeHandler(handler)
+                handler.close()
         finally:
-            logging.getLogger("diffsynth").removeHandler(handler)
-            handler.close()
-    finally:
-        cache.close()
+            cache.close()
     return run_dir / VIDEO_KEY
 
 
