@@ -372,3 +372,14 @@ def test_a_smoother_chain_entry_follows_its_processor_type():
     assert back[0]["config"]["window_size"] == 5 and back[1]["config"] == {"rate": 1.4}
     state["f:smoother_configs.1.processor_type"] = "FastBlend"  # switched in the form: FastBlend's fields
     assert F.data_from_state(state)["smoother_configs"][1]["config"]["inference_mode"] == "fast"
+
+
+def test_a_prompt_travel_mapping_round_trips_through_the_form():
+    from diffsynth.config import PipelineInputs
+    spec = next(s for s in F.fields_of(PipelineInputs) if s.name == "prompt")
+    travel = {0: "a girl in a garden", 120: "a girl at night: stars"}
+    text = F.to_widget_value(spec, travel)
+    assert text == "0: a girl in a garden\n120: 'a girl at night: stars'"
+    assert F.from_widget_value(spec, text) == travel
+    for plain in ("best quality: anime, a girl", "a girl", "(cat:1.3), dog"):
+        assert F.from_widget_value(spec, plain) == plain

@@ -171,6 +171,9 @@ def _format_number_list(values):
 
 
 def to_widget_value(spec, value):
+    if spec.kind == "text" and isinstance(value, dict):  # prompt travel: one "frame: prompt" line per key
+        return yaml.safe_dump({int(k): v for k, v in value.items()}, sort_keys=True, allow_unicode=True,
+                              width=10_000).strip()
     if spec.kind in ("str", "text"):
         return "" if value is None else str(value)
     if spec.kind == "int":
@@ -189,9 +192,27 @@ def to_widget_value(spec, value):
     return value  # choice
 
 
+def prompt_travel(text):
+    """{frame: prompt} when a prompt box holds only "frame: prompt" lines (prompt travel), else None."""
+    if not isinstance(text, str) or ":" not in text:
+        return None
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    if isinstance(parsed, dict) and parsed and all(isinstance(k, int) and isinstance(v, str)
+                                                    for k, v in parsed.items()):
+        return parsed
+    return None
+
+
 def from_widget_value(spec, value):
     """The config value for a widget value; text that does not parse is passed on as-is, so the schema's own
     validation reports it under this field."""
+    if spec.kind == "text":
+        travel = prompt_travel(value)
+        if travel is not None:
+            return travel
     if spec.kind in ("str", "text"):
         value = "" if value is None else value
         return None if spec.optional and value.strip() == "" else value
