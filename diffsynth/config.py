@@ -202,7 +202,12 @@ class SmootherConfig(Schema):
                              "(FastBlend, Contrast and Sharpness are supported)")
         settings = SMOOTHER_SETTINGS.get(kind)
         if settings is not None and isinstance(data.get("config", {}), dict):
-            data = dict(data, config=settings.model_validate(data.get("config") or {}))
+            try:
+                data = dict(data, config=settings.model_validate(data.get("config") or {}))
+            except ValidationError as error:  # keep each problem's key: smoother_configs.N.config.<key>
+                raise ValidationError.from_exception_data(cls.__name__, [
+                    {key: value for key, value in dict(problem, loc=("config", *problem["loc"])).items()
+                     if key in ("type", "loc", "input", "ctx")} for problem in error.errors()]) from None
         return data
 
 

@@ -108,8 +108,10 @@ def test_missing_and_unknown_files_name_the_file_and_what_was_expected(tmp_path)
     junk = tmp_path / "junk.safetensors"
     from safetensors.torch import save_file
     save_file({"foo.weight": torch.zeros(3), "bar": torch.zeros(2)}, junk)
-    with pytest.raises(UserError, match="cannot tell what model .*junk.safetensors is: expected .*ControlNet"):
+    with pytest.raises(UserError, match="cannot tell what model .*junk.safetensors is: expected .*SD1.5 checkpoint"):
         detect_kind(junk)
+    with pytest.raises(UserError, match="junk.safetensors is: expected a ControlNet v1.1 file.*controlnet_units.0"):
+        detect_kind(junk, ("ControlNet",), "models.controlnet_units.0.model_path")
 
 
 def test_controlnet_listed_as_base_is_a_user_error(tiny):

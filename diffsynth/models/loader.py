@@ -86,7 +86,8 @@ def detect_kind(path, expected=MODEL_LIST_KINDS, key="models.model_list"):
         kind = kind_from_keys(path, read_shapes(path))
         if kind is not None:
             return kind
-    raise UserError(f"cannot tell what model {path} is: expected {expected}")
+    wanted = " or ".join(WHERE_TO_FIND[kind] for kind in expected)
+    raise UserError(f"cannot tell what model {path} is: expected {wanted} (check {key})")
 
 
 def file_identity(path):
