@@ -71,7 +71,7 @@ CASES = [
     ("text file as base model", lambda c, t: c["models"]["model_list"].__setitem__(
         0, write(t, "sd15.safetensors", b"hello")), "sd15.safetensors"),
     ("random bytes as ControlNet", lambda c, t: c["models"]["controlnet_units"][0].update(
-        model_path=write(t, "tile.pth", bytes(range(256)) * 8)), "tile.pth"),
+        model_path=write(t, "tile.pth", bytes(range(256)) * 8)), "tile.pth: not a weights file"),
     ("unknown dtype", lambda c, t: c["models"].update(torch_dtype="float8"), "torch_dtype"),
     ("vram level 3", lambda c, t: c["models"].update(vram_limit_level=3), "vram_limit_level"),
     ("misspelt key", lambda c, t: inputs(c).update(cfg_scael=inputs(c).pop("cfg_scale")), "did you mean 'cfg_scale'"),

@@ -25,10 +25,10 @@ def _torch_load(path):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         detail = str(error).replace("\n", " ")
-        culprit = ""
-        if "GLOBAL" in detail:
-            culprit = detail[detail.index("GLOBAL"):].split(" was not")[0].strip()
-            culprit = f" ({culprit})"
+        if "GLOBAL" not in detail:  # no code asked for: the bytes are simply not a pickle of weights
+            raise UserError(f"cannot read {path}: not a weights file torch can read (a damaged or partly downloaded "
+                            "file, or not a model at all? download it again)") from None
+        culprit = f" ({detail[detail.index('GLOBAL'):].split(' was not')[0].strip()})"
         raise UserError(f"refusing to load {path}: it is a pickle that needs arbitrary code to load{culprit}, which "
                         "could run anything on this machine; get the .safetensors version of this file, or convert "
                         "it with a tool you trust") from None
