@@ -80,10 +80,18 @@ def render_until_hang(config, hang_at, timeout=300):
 
 
 def committed_units(run_dir):
-    """{(stage, key): finish time} of every committed unit, kept or released."""
-    db = sqlite3.connect(run_dir / "manifest.sqlite")
-    rows = db.execute("SELECT stage, key, finished FROM units").fetchall()
-    db.close()
+    """{(stage, key): finish time} of every committed unit, kept or released; {} before the render has made its
+    manifest (a kill during start-up). Read-only: never creates a manifest."""
+    manifest = Path(run_dir) / "manifest.sqlite"
+    if not manifest.is_file():
+        return {}
+    db = sqlite3.connect(f"file:{manifest}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT stage, key, finished FROM units").fetchall()
+    except sqlite3.OperationalError:  # the file exists, its tables not yet
+        rows = []
+    finally:
+        db.close()
     return {(stage, key): finished for stage, key, finished in rows}
 
 

@@ -55,8 +55,12 @@ def test_sigterm_stops_cleanly_with_exit_3_and_a_second_render_is_refused(demo_a
         while time.time() < deadline:  # wait until the render is inside a stage, holding the lock
             if manifest.exists():
                 db = sqlite3.connect(manifest)
-                started = db.execute("SELECT COUNT(*) FROM units WHERE stage = 'crop'").fetchone()[0]
-                db.close()
+                try:
+                    started = db.execute("SELECT COUNT(*) FROM units WHERE stage = 'crop'").fetchone()[0]
+                except sqlite3.OperationalError:  # the render created the file but not yet its tables
+                    started = 0
+                finally:
+                    db.close()
                 if started:
                     break
             time.sleep(0.05)
