@@ -126,14 +126,14 @@ def run_stages(stages, cache, progress=True, stop=None, verify=False, io_threads
         damaged = cache.verify_stage(stage.name, full=verify or not _readers(stage, stages))
         if damaged:
             log.warning("stage %s: %d cached unit(s) missing or damaged on disk, recomputing them: %s",
-                        stage.name, len(damaged), ", ".join(damaged[:5]) + (" …" if len(damaged) > 5 else ""))
+                        stage.name, len(damaged), first_few(damaged))
     removed = cache.remove_leftovers()
     if removed:
         log.info("removed %d leftover file(s) of an interrupted run", removed)
     unknown = cache.unknown_files()
     if unknown:
         log.warning("%d file(s) in the run folder are not the render's (left alone): %s", len(unknown),
-                    ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else ""))
+                    first_few(unknown))
     report = RunReport(stages, keys, cache)
     report.announce(progress)
     if stop.stop_requested:
@@ -142,6 +142,11 @@ def run_stages(stages, cache, progress=True, stop=None, verify=False, io_threads
         pass
     report.finish()
     return report
+
+
+def first_few(names, count=5):
+    """The first `count` names for a log line, and "…" when there are more."""
+    return ", ".join(names[:count]) + (" …" if len(names) > count else "")
 
 
 class RunReport:
