@@ -87,6 +87,13 @@ class DataConfig(Schema):
     output_folder: str = path_field(kind="output", description="the run folder: cache, manifest, frames/ and video.mp4")
     fps: float | None = Field(None, gt=0, description="output frame rate (default: the source's)")
     crf: int = Field(17, ge=0, le=51, description="H.264 quality (lower is better, 17 is visually lossless)")
+    keep: Literal["all", "resume", "outputs"] = Field(
+        "all", description="what stays on disk. all: every result except the denoising intermediates, so a changed "
+                           "setting reuses the most; resume: each result is also deleted once every stage reading it "
+                           "is done, except the final latents and the outputs (a crash still resumes losing at most "
+                           "one unit; a changed setting recomputes what it needs); outputs: as resume, and after "
+                           "success only video.mp4, frames/, config.json, the manifest and the log remain. Never "
+                           "changes the output's bytes")
 
 
 class PipelineInputs(Schema):

@@ -107,6 +107,9 @@ def build_stages(ctx):
         audio = (input_source.path, input_source.seconds(start), input_source.seconds(end))
     size = (config.data.input_frames.width, config.data.input_frames.height)
     stages.append(EncodeStage(ctx, decoded, fps, audio, size, config.data.crf))
+    latents.kept_for_resume = True  # the final latents: small, and the most expensive results to recompute
+    for stage in stages:  # what the runner may delete once read; not in any fingerprint (it never changes a byte)
+        stage.keep = config.data.keep
     return stages
 
 

@@ -262,12 +262,25 @@ def _run_stage(stage, pending, total, cache, stop, progress, report, io_threads)
     log.info("stage %s: done in %.1f s", stage.name, time.time() - started)
 
 
+def releasable(stage):
+    """Whether the run's data.keep policy (`Stage.keep`) lets `stage`'s files go once every stage reading it is
+    complete: ephemeral stages under every policy; under `resume` every stage not marked `kept_for_resume`; under
+    `outputs` every stage. A stage that nothing reads (the outputs) is nobody's input, so it is never released.
+    Pure: diffsynth.plan simulates the disk with it."""
+    policy = stage.keep
+    return stage.ephemeral or policy == "outputs" or (policy == "resume" and not stage.kept_for_resume)
+
+
+def may_release(upstream, stages, cache):
+    """Whether `upstream`'s files may be deleted now: its policy allows it, it is not released yet, and every stage
+    reading it is complete (so nothing still to be computed reads it)."""
+    return (releasable(upstream) and not cache.is_retired(upstream.name)
+            and all(_is_complete(reader, cache) for reader in _readers(upstream, stages)))
+
+
 def _retire_finished_inputs(stage, stages, cache):
     for upstream in stage.inputs:
-        if not upstream.ephemeral or cache.is_retired(upstream.name):
-            continue
-        readers = _readers(upstream, stages)
-        if all(_is_complete(reader, cache) for reader in readers):
+        if may_release(upstream, stages, cache):
             cache.retire_stage(upstream.name)
 
 

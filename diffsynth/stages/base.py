@@ -14,6 +14,8 @@ class Stage:
     version = "1"          # bump when the stage's code changes what it writes
     ephemeral = False      # files deleted once every stage reading them is complete (denoising intermediates)
     prefetch_inputs = True  # the runner's reader thread loads the next units' declared reads while this one computes
+    keep = "all"           # the run's data.keep policy (set by build_stages): which stages' files go once read
+    kept_for_resume = False  # kept under keep=resume although its readers are done (the final latents: small, costly)
 
     def __init__(self, ctx, inputs=()):
         self.ctx = ctx

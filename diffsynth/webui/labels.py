@@ -20,6 +20,7 @@ FIELDS = {
     "data.output_folder": ("Run name", True),
     "data.fps": ("Output frame rate", False),
     "data.crf": ("Video quality (CRF, lower is better)", False),
+    "data.keep": ("Keep on disk", False),
     "models.model_list": ("Base model and motion module", True),
     "models.controlnet_units": ("ControlNet guides", True),
     "models.controlnet_units.*.processor_id": ("Guide type", True),
