@@ -94,6 +94,8 @@ class DataConfig(Schema):
                            "one unit; a changed setting recomputes what it needs); outputs: as resume, and after "
                            "success only video.mp4, frames/, config.json, the manifest and the log remain. Never "
                            "changes the output's bytes")
+    save_frames: bool = Field(True, description="also save every final frame as frames/00000.png … (lossless, "
+                                                "about 1.5 bytes a pixel on disk); off = only video.mp4")
 
 
 class PipelineInputs(Schema):

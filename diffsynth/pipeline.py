@@ -15,7 +15,6 @@ from .models.loader import ModelStore
 from .runner import StopFlag, run_stages
 from .stages.annotate import AnnotateStage
 from .stages.crop import CropStage
-from .stages.decode import DecodeStage
 from .stages.denoise import DenoiseStepStage, DenoiseWindowsStage, denoising_schedule
 from .stages.encode import VIDEO_KEY, EncodeStage
 from .stages.latents import InitialLatentsStage
@@ -61,15 +60,14 @@ def build_stages(ctx):
         key = frames_config.model_dump_json()
         if key not in frame_stages:
             source = probe(frames_config)
-            decoded = DecodeStage(ctx, frames_config, source, frame_range(frames_config, source),
-                                  name=f"decode{suffix}")
-            cropped = CropStage(ctx, decoded, frames_config, name=f"crop{suffix}")
-            stages.extend([decoded, cropped])
+            # Decode and crop in one stage: the source-resolution frames are never stored.
+            cropped = CropStage(ctx, frames_config, source, frame_range(frames_config, source), name=f"crop{suffix}")
+            stages.append(cropped)
             frame_stages[key] = (cropped, source)
         return frame_stages[key]
 
     input_crop, input_source = cropped_frames(config.data.input_frames, "")
-    start, end = input_crop.decoded.start, input_crop.decoded.end
+    start, end = input_crop.start, input_crop.end
     num_frames = end - start
     control_sources = []
     for index, unit in enumerate(config.models.controlnet_units):
@@ -106,7 +104,8 @@ def build_stages(ctx):
     if input_source.is_video:
         audio = (input_source.path, input_source.seconds(start), input_source.seconds(end))
     size = (config.data.input_frames.width, config.data.input_frames.height)
-    stages.append(EncodeStage(ctx, decoded, fps, audio, size, config.data.crf))
+    stages.append(EncodeStage(ctx, decoded, fps, audio, size, config.data.crf,
+                              save_frames=config.data.save_frames))
     latents.kept_for_resume = True  # the final latents: small, and the most expensive results to recompute
     for stage in stages:  # what the runner may delete once read; not in any fingerprint (it never changes a byte)
         stage.keep = config.data.keep

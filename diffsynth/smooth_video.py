@@ -50,14 +50,13 @@ def smooth_video(guide_path, style_path, output_path, settings: FastBlendSetting
         handler = log_to(run_dir / "render.log")
         try:
             ctx = SmoothContext(cache, resolve_device(device))
-            decoded_guide = DecodeStage(ctx, None, guide, (0, len(guide)), name="decode.guide")
-            cropped_guide = CropStage(ctx, decoded_guide, SimpleNamespace(width=width, height=height,
-                                                                          resize_mode="crop"), name="crop.guide")
+            cropped_guide = CropStage(ctx, SimpleNamespace(width=width, height=height, resize_mode="crop"), guide,
+                                      (0, len(guide)), name="crop.guide")
             decoded_style = DecodeStage(ctx, None, style, (0, len(style)), name="decode.style")
             smoothed = SmoothStage(ctx, "smooth", cropped_guide, decoded_style, settings)
             audio = (guide.path, guide.seconds(0), guide.seconds(len(guide)))
             encode = EncodeStage(ctx, smoothed, style.fps, audio, (width, height), crf)
-            run_stages([decoded_guide, cropped_guide, decoded_style, smoothed, encode], cache, progress=progress)
+            run_stages([cropped_guide, decoded_style, smoothed, encode], cache, progress=progress)
             write_atomically(output_path, lambda tmp: shutil.copyfile(run_dir / VIDEO_KEY, tmp))
         finally:
             logging.getLogger("diffsynth").removeHandler(handler)

@@ -32,7 +32,7 @@ def test_two_passes_chain_and_the_second_follows_the_first(demo_assets, tmp_path
         assert result.returncode == 0, result.stderr
     first_toon = (tmp_path / "toon_video" / "video.mp4").read_bytes()
     before = unit_times(tmp_path / "toon_video")
-    assert any(stage == "decode.controlnet0" for stage, _ in before)  # the tile frames come from pass 1's video
+    assert any(stage == "crop.controlnet0" for stage, _ in before)  # the tile frames come from pass 1's video
 
     result = run_cli("render", colour_pass(demo_assets, tmp_path, "a toon dog"), "--no-progress")
     assert result.returncode == 0, result.stderr
@@ -40,5 +40,5 @@ def test_two_passes_chain_and_the_second_follows_the_first(demo_assets, tmp_path
     assert result.returncode == 0, result.stderr
     after = unit_times(tmp_path / "toon_video")
     redone = {stage for unit, stage in ((u, u[0]) for u in after) if before.get(unit) != after[unit]}
-    assert "decode.controlnet0" in redone and "decode" not in redone and "latents" not in redone
+    assert "crop.controlnet0" in redone and "crop" not in redone and "latents" not in redone
     assert (tmp_path / "toon_video" / "video.mp4").read_bytes() != first_toon

@@ -49,7 +49,7 @@ def test_status_reports_every_stage_complete(rendered):
     report = json.loads(result.stdout)
     assert report["state"] == "complete" and report["complete"]
     names = [stage["name"] for stage in report["stages"]]
-    assert names[:3] == ["decode", "crop", "annotate.1.canny"]
+    assert names[:2] == ["crop", "annotate.1.canny"]  # decode is fused into crop: no source frame is stored
     assert names[-3:] == ["vae_decode", "smooth.final", "encode"]
     assert {"smooth.000.x0", "smooth.000.blend"} <= set(names)
     assert all(stage["complete"] for stage in report["stages"])
@@ -90,17 +90,17 @@ def test_prompt_change_reuses_everything_upstream_of_the_prompt(rendered, demo_a
     def change(config):
         config["pipeline"]["pipeline_inputs"]["prompt"] = "a toon dog"
     reused, redone, run_dir = rerender_changed(rendered, demo_assets, tmp_path, change)
-    assert reused == {"decode", "crop", "annotate.1.canny", "latents"}
+    assert reused == {"crop", "annotate.1.canny", "latents"}
     assert {"prompts", "vae_decode", "encode", "denoise.001.step"} <= redone
     assert not reused & redone
     assert (rendered / "run" / "frames" / "00003.png").read_bytes() != (run_dir / "frames" / "00003.png").read_bytes()
 
 
-def test_crop_change_recomputes_everything_after_decode(rendered, demo_assets, tmp_path):
+def test_crop_change_recomputes_everything_but_the_prompts(rendered, demo_assets, tmp_path):
     def change(config):
         config["data"]["input_frames"]["resize_mode"] = "fill"
     reused, _, _ = rerender_changed(rendered, demo_assets, tmp_path, change)
-    assert reused == {"decode", "prompts"}
+    assert reused == {"prompts"}
 
 
 def test_smoother_change_reuses_the_diffusion(rendered, demo_assets, tmp_path):
@@ -110,7 +110,7 @@ def test_smoother_change_reuses_the_diffusion(rendered, demo_assets, tmp_path):
     def change(config):
         config["smoother_configs"][0]["config"]["guide_weight"] = 5.0
     reused, redone, _ = rerender_changed(rendered, demo_assets, tmp_path, change)
-    assert reused == {"decode", "crop", "annotate.1.canny", "prompts", "latents"}
+    assert reused == {"crop", "annotate.1.canny", "prompts", "latents"}
     assert {"denoise.000.windows", "smooth.000.x0", "smooth.000.blend", "smooth.final", "encode"} <= redone
 
 

@@ -241,7 +241,7 @@ def test_the_run_page_names_stages_for_what_they_do_and_lists_them_all(output_ro
     assert list(table["stage id"]) == names
     # nothing of the current stage (crop) has been timed: no made-up ETA
     assert [m.value for m in at.metric if m.label == "Time left"] == ["estimating…"]
-    assert "**Now:** Cropping and resizing" in [m.value for m in at.markdown]
+    assert "**Now:** Reading, cropping and resizing the source frames" in [m.value for m in at.markdown]
 
 
 def test_the_newest_frame_beside_its_source_and_a_scrubber_over_finished_frames(output_root):

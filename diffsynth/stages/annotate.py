@@ -21,7 +21,7 @@ from .base import Stage
 
 
 class AnnotateStage(Stage):
-    version = "1"
+    version = "2"  # 2: grey maps (edges, depth) stored as one channel, zstd-compressed; readers expand to RGB
 
     def __init__(self, ctx, cropped, processor_id, name):
         super().__init__(ctx, [cropped])
@@ -52,9 +52,15 @@ class AnnotateStage(Stage):
             self._annotator = make_annotator(self.processor_id, self._folder, device)
         image = self.read_image(self.cropped, key)
         height, width = image.shape[:2]
-        annotated = np.asarray(self._annotator(image, min(width, height)))
-        if annotated.ndim == 2:
-            annotated = np.stack([annotated] * 3, axis=-1)
+        annotated = np.asarray(self._annotator(image, min(width, height))).astype(np.uint8)
+        if annotated.ndim == 3 and annotated.shape[2] == 3 and is_grey(annotated):
+            annotated = np.ascontiguousarray(annotated[:, :, 0])  # edges, lines, depth: one channel is enough
         if annotated.shape[:2] != (height, width):
             annotated = np.asarray(Image.fromarray(annotated).resize((width, height), Image.BILINEAR))
-        return image_to_bytes(annotated.astype(np.uint8)), None
+        return image_to_bytes(annotated), None
+
+
+def is_grey(image):
+    """True when every pixel of an (H, W, 3) image has R = G = B: then it is stored as one channel (a third of the
+    bytes, and the reader's expansion gives back exactly the same RGB)."""
+    return bool((image[:, :, 0] == image[:, :, 1]).all() and (image[:, :, 0] == image[:, :, 2]).all())

@@ -6,7 +6,7 @@ so a change anywhere upstream makes it stale. It lists its unit keys and compute
 
 from functools import cached_property
 
-from ..cache import bytes_to_image, bytes_to_tensors, fingerprint
+from ..cache import as_rgb, bytes_to_image, bytes_to_tensors, fingerprint
 
 
 class Stage:
@@ -57,7 +57,9 @@ class Stage:
         return self.ctx.cache.read(stage.name, key)
 
     def read_image(self, stage, key):
-        return bytes_to_image(self.read_bytes(stage, key))
+        """A cached frame as uint8 (H, W, 3): one-channel maps (edges, depth) are stored as one channel and
+        expanded here."""
+        return as_rgb(bytes_to_image(self.read_bytes(stage, key)))
 
     def read_tensors(self, stage, key):
         return bytes_to_tensors(self.read_bytes(stage, key))

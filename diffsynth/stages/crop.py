@@ -1,10 +1,18 @@
-"""Stage 2, crop: per frame, centre-crop to the output aspect then resize (`crop`), or letterbox (`fill`)."""
+"""Stages 1–2, decode and crop, fused: per source frame of [start_frame_id, end_frame_id), decoded, then
+centre-cropped to the output aspect and resized (`crop`), or letterboxed (`fill`).
+
+Only the cropped frame is stored: a source frame (often 1080p, twice the output's pixels) never reaches the disk.
+A unit is still one frame, so a crash loses at most one; a resume decodes sequentially from the keyframe before
+the first pending frame.
+"""
 
 import numpy as np
 from PIL import Image
 
 from ..cache import image_to_bytes
-from .base import Stage
+from ..models.loader import file_identity
+from ..video import decode
+from .base import Stage, frame_index, frame_key
 
 
 def crop_and_resize(image, width, height, mode):
@@ -25,20 +33,33 @@ def crop_and_resize(image, width, height, mode):
 
 
 class CropStage(Stage):
-    version = "2"  # 2: frames stored as raw uint8 safetensors instead of PNG
+    """Decode + crop of one frame source (the input frames, or a ControlNet unit's own frames)."""
+    version = "3"  # 2: frames stored as raw uint8 safetensors instead of PNG; 3: decode fused in (source frames
+    # never stored), frames stored zstd-compressed (cache.image_to_bytes)
+    on_coordinator = True  # streams the source file in order; with many workers the render process decodes
 
-    def __init__(self, ctx, decoded, frames_config, name="crop"):
-        super().__init__(ctx, [decoded])
+    def __init__(self, ctx, frames_config, source, frame_range, name="crop"):
+        super().__init__(ctx)
         self.name = name
-        self.decoded = decoded
+        self.source = source
+        self.start, self.end = frame_range
         self.width, self.height, self.mode = frames_config.width, frames_config.height, frames_config.resize_mode
 
     def params(self):
-        return {"width": self.width, "height": self.height, "mode": self.mode}
+        return {"source": file_identity(self.source.path), "start": self.start, "end": self.end,
+                "width": self.width, "height": self.height, "mode": self.mode}
 
     def unit_keys(self):
-        return self.decoded.unit_keys()
+        return [frame_key(i) for i in range(self.end - self.start)]
+
+    def run(self, pending_keys):
+        """Decode sequentially from the keyframe before the first pending frame (seeking per frame is slow), crop
+        each frame as it comes: one source frame in memory at a time."""
+        by_source_index = {self.start + frame_index(key): key for key in pending_keys}
+        for source_index, image in decode(self.source, by_source_index):
+            image = crop_and_resize(image, self.width, self.height, self.mode)
+            yield by_source_index[source_index], image_to_bytes(image), None
 
     def compute(self, key):
-        image = crop_and_resize(self.read_image(self.decoded, key), self.width, self.height, self.mode)
-        return image_to_bytes(image), None
+        ((_, data, path),) = list(self.run([key]))
+        return data, path

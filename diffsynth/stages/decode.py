@@ -7,7 +7,8 @@ from .base import Stage, frame_index, frame_key
 
 
 class DecodeStage(Stage):
-    version = "3"  # 2: frames stored as raw uint8 safetensors instead of PNG; 3: image folders in natural order
+    version = "4"  # 2: frames stored as raw uint8 safetensors instead of PNG; 3: image folders in natural order;
+    # 4: frames stored zstd-compressed (cache.image_to_bytes)
 
     def __init__(self, ctx, frames_config, source, frame_range, name="decode"):
         super().__init__(ctx)

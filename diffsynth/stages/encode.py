@@ -14,12 +14,14 @@ log = logging.getLogger("diffsynth")
 
 class EncodeStage(Stage):
     name = "encode"
-    version = "3"  # 2: frames stored as raw uint8 safetensors instead of PNG; 3: x264 without mbtree (determinism)
+    version = "4"  # 2: frames stored as raw uint8 safetensors instead of PNG; 3: x264 without mbtree (determinism);
+    # 4: frames/ PNGs written by OpenCV (zlib level 1, RLE) instead of Pillow
     prefetch_inputs = False  # the video unit reads every frame: streamed one at a time instead
 
-    def __init__(self, ctx, final_frames, fps, audio, size, crf):
+    def __init__(self, ctx, final_frames, fps, audio, size, crf, save_frames=True):
         super().__init__(ctx, [final_frames])
         self.final_frames = final_frames
+        self.save_frames = save_frames  # frames/00000.png …; off: the stage's only unit is video.mp4
         self.fps = fps
         self.audio = audio  # (source path, start seconds, end seconds) or None
         self.width, self.height = size
@@ -28,10 +30,13 @@ class EncodeStage(Stage):
 
     def params(self):
         return {"fps": str(self.fps), "crf": self.crf, "audio": self.audio, "size": [self.width, self.height],
-                "codec": self.codec}
+        # save_frames changes the stage's units (frames/*.png or none), not their bytes: toggling it on a finished
+        # run makes the stage stale (its PNGs deleted or written, the video encoded again, a few seconds).
+                "codec": self.codec, "save_frames": self.save_frames}
 
     def unit_keys(self):
-        return [f"frames/{frame_index(key):05d}.png" for key in self.final_frames.frame_keys()] + [VIDEO_KEY]
+        frames = [f"frames/{frame_index(key):05d}.png" for key in self.final_frames.frame_keys()]
+        return (frames if self.save_frames else []) + [VIDEO_KEY]
 
     def reads(self, key):
         if key == VIDEO_KEY:

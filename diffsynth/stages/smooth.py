@@ -77,7 +77,7 @@ def table_file(plan_key):
 
 
 class SmoothStage(Stage):
-    version = "1"
+    version = "2"  # 2: frames stored zstd-compressed (cache.image_to_bytes); tables unchanged (float16 safetensors)
     prefetch_inputs = False  # frames come through its own window-sized LRU; prefetching a window per unit would hold too much
 
     def __init__(self, ctx, name, guide, style, settings, ephemeral=False):
@@ -139,7 +139,7 @@ class SmoothStage(Stage):
 
 class InLoopX0Stage(Stage):
     """Per frame: x0 estimated from step k's combined ε, VAE-decoded in float32 (the style FastBlend smooths)."""
-    version = "1"
+    version = "2"  # 2: frames stored zstd-compressed
     ephemeral = True
 
     def __init__(self, ctx, step_index, latents, windows_stage, alpha_t):
@@ -168,7 +168,7 @@ class InLoopX0Stage(Stage):
 class EnhanceStage(Stage):
     """A post-processor of the smoother chain, per frame: PIL's ImageEnhance.Contrast or .Sharpness with `rate`,
     as the original's Contrast and Sharpness smoothers."""
-    version = "1"
+    version = "2"  # 2: frames stored zstd-compressed
 
     def __init__(self, ctx, name, frames, kind, rate, ephemeral=False):
         super().__init__(ctx, [frames])

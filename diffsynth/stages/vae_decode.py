@@ -18,7 +18,7 @@ def decode_latent(vae, latent):
 
 class VaeDecodeStage(Stage):
     name = "vae_decode"
-    version = "2"  # 2: frames stored as raw uint8 safetensors instead of PNG
+    version = "3"  # 2: frames stored as raw uint8 safetensors instead of PNG; 3: frames stored zstd-compressed
 
     def __init__(self, ctx, latents):
         super().__init__(ctx, [latents])

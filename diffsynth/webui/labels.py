@@ -20,6 +20,7 @@ FIELDS = {
     "data.output_folder": ("Run name", True),
     "data.fps": ("Output frame rate", False),
     "data.crf": ("Video quality (CRF, lower is better)", False),
+    "data.save_frames": ("Also save every frame as a PNG", False),
     "data.keep": ("Keep on disk", False),
     "models.model_list": ("Base model and motion module", True),
     "models.controlnet_units": ("ControlNet guides", True),
@@ -78,7 +79,7 @@ def field_help(path, description):
 
 STAGE_TITLES = {
     "decode": "Reading the source frames",
-    "crop": "Cropping and resizing",
+    "crop": "Reading, cropping and resizing the source frames",
     "prompts": "Reading the prompts",
     "latents": "Preparing the starting noise",
     "vae_decode": "Turning the result into pictures",
