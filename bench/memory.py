@@ -1,9 +1,17 @@
-"""Peak RSS of a render at 1024 frames divided by the same at 64 frames (same small resolution): target ≤ 1.05.
+"""Peak RSS of a render at 240 frames divided by the same at 24 frames (same resolution): target ≤ 1.05.
 
-Each render runs in its own process (tiny models, 64×64, one denoising step, a tile ControlNet), measured with
-getrusage of that process alone. Writes bench/results/memory.json.
+Each render runs in its own process (tiny models, 256×256 from a 384×384 source, one denoising step, a tile
+ControlNet, final FastBlend smoothing), measured with getrusage of that process alone.
+
+The size is chosen so that the benchmark can fail: a render that kept every frame it stores in a list (an O(N)
+leak) would hold 240 × 256 × 256 × 3 bytes ≈ 47 MB per image stage (crop, VAE decode, smoothed frames: ≈ 141 MB),
+far above 5 % of the ~1.2 GB the libraries take. `--inject-leak` demonstrates it: the renders then keep a copy of
+every frame the cache stores (diffsynth.cache.image_to_bytes wrapped before the stages import it), and the ratio
+must come out over the target. The script prints the leak such a bug would add and the margin it has to beat.
+Writes bench/results/memory.json (memory_leak_injected.json with --inject-leak).
 """
 
+import argparse
 import json
 import platform
 import subprocess
@@ -19,50 +27,82 @@ sys.path.insert(0, str(REPO))
 
 from diffsynth.demo import ensure_demo_assets, write_synthetic_clip  # noqa: E402
 
+SIZE = 256
+SMALL, LARGE = 24, 240
 MEASURE = """
 import resource, subprocess, sys
-code = subprocess.run([sys.executable, "-m", "diffsynth", "render", sys.argv[1], "--no-progress"],
-                      stdout=subprocess.DEVNULL).returncode
+code = subprocess.run([sys.executable, "-c", sys.argv[2], sys.argv[1]], stdout=subprocess.DEVNULL).returncode
 print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+RENDER = "import sys; from diffsynth.cli import main; sys.exit(main(['render', sys.argv[1], '--no-progress']))"
+LEAKY_RENDER = """
+import sys
+import numpy as np
+import diffsynth.cache as cache
+kept, store = [], cache.image_to_bytes
+def leaky(array):  # the deliberate O(N) leak: every stored frame stays in memory
+    kept.append(np.array(array))
+    return store(array)
+cache.image_to_bytes = leaky  # before the stages import it
+from diffsynth.cli import main
+sys.exit(main(['render', sys.argv[1], '--no-progress']))
 """
 
 
-def render_peak_rss(folder, clip, num_frames):
+def render_peak_rss(folder, clip, num_frames, leak=False):
     models = ensure_demo_assets() / "models"
     config = {
         "models": {"model_list": [str(models / "stable_diffusion"), str(models / "motion_adapter")],
                    "controlnet_units": [{"processor_id": "tile", "model_path": str(models / "controlnet_tile"),
                                          "scale": 0.5}], "device": "cpu"},
-        "data": {"input_frames": {"video_file": str(clip), "width": 64, "height": 64, "end_frame_id": num_frames},
-                 "output_folder": str(folder / f"run{num_frames}")},
+        "data": {"input_frames": {"video_file": str(clip), "width": SIZE, "height": SIZE,
+                                  "end_frame_id": num_frames},
+                 "output_folder": str(folder / f"run{num_frames}{'-leak' if leak else ''}")},
         "pipeline": {"pipeline_inputs": {"prompt": "toon", "num_inference_steps": 1, "animatediff_batch_size": 16,
-                                         "animatediff_stride": 8, "controlnet_batch_size": 32}},
+                                         "animatediff_stride": 8, "controlnet_batch_size": 16,
+                                         "smoother_progress_ids": [-1]}},
+        "smoother_configs": [{"processor_type": "FastBlend", "config": {
+            "inference_mode": "fast", "window_size": 2, "minimum_patch_size": 3, "num_iter": 1}}],
     }
     path = folder / f"config{num_frames}.yaml"
     path.write_text(yaml.safe_dump(config))
     started = time.time()
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(path)], capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(path), LEAKY_RENDER if leak else RENDER],
+                         capture_output=True, text=True, cwd=REPO)
     code, peak_kib = out.stdout.split()
     assert code == "0", out.stderr[-2000:]
     return int(peak_kib) / 1024, time.time() - started
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--inject-leak", action="store_true", help="keep every stored frame in memory (the check "
+                        "that this benchmark fails on an O(N) leak)")
+    args = parser.parse_args()
+    leak_mib = (LARGE - SMALL) * SIZE * SIZE * 3 * 3 / 2 ** 20  # three image stages: crop, VAE decode, smoothing
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        clip = write_synthetic_clip(folder / "long.mp4", num_frames=1024, width=96, height=72)
-        small_mib, small_s = render_peak_rss(folder, clip, 64)
-        large_mib, large_s = render_peak_rss(folder, clip, 1024)
+        clip = write_synthetic_clip(folder / "long.mp4", num_frames=LARGE, width=SIZE * 3 // 2,
+                                    height=SIZE * 3 // 2, audio=False)
+        small_mib, small_s = render_peak_rss(folder, clip, SMALL, args.inject_leak)
+        large_mib, large_s = render_peak_rss(folder, clip, LARGE, args.inject_leak)
     ratio = large_mib / small_mib
-    result = {"peak_rss_mib_64": round(small_mib, 1), "peak_rss_mib_1024": round(large_mib, 1),
-              "ratio": round(ratio, 3), "target": 1.05, "seconds_64": round(small_s, 1),
-              "seconds_1024": round(large_s, 1), "machine": f"{platform.machine()}, {platform.processor()}",
+    ok = ratio <= 1.05
+    result = {"size": SIZE, "frames": [SMALL, LARGE], "leak_injected": args.inject_leak,
+              f"peak_rss_mib_{SMALL}": round(small_mib, 1), f"peak_rss_mib_{LARGE}": round(large_mib, 1),
+              "ratio": round(ratio, 3), "target": 1.05, "margin_mib": round(0.05 * small_mib, 1),
+              "leak_of_every_frame_mib": round(leak_mib, 1), f"seconds_{SMALL}": round(small_s, 1),
+              f"seconds_{LARGE}": round(large_s, 1), "machine": f"{platform.machine()}, {platform.processor()}",
               "cpus": __import__("os").cpu_count()}
-    print(f"peak RSS: 64 frames {small_mib:.0f} MiB, 1024 frames {large_mib:.0f} MiB, ratio {ratio:.3f} "
-          f"(target ≤ 1.05) {'OK' if ratio <= 1.05 else 'OVER TARGET'}")
+    print(f"{SIZE}×{SIZE}{', leak injected' if args.inject_leak else ''}: peak RSS {SMALL} frames "
+          f"{small_mib:.0f} MiB, {LARGE} frames {large_mib:.0f} MiB, ratio {ratio:.3f} (target ≤ 1.05) "
+          f"{'OK' if ok else 'OVER TARGET'}; a leak of every stored frame would add ~{leak_mib:.0f} MiB, the "
+          f"margin is {0.05 * small_mib:.0f} MiB")
     (REPO / "bench" / "results").mkdir(exist_ok=True)
-    (REPO / "bench" / "results" / "memory.json").write_text(json.dumps(result, indent=2))
+    name = "memory_leak_injected.json" if args.inject_leak else "memory.json"
+    (REPO / "bench" / "results" / name).write_text(json.dumps(result, indent=2))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
