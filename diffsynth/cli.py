@@ -1,4 +1,4 @@
-"""`diffsynth render | status | demo | smooth | models check`. Exit codes: 0 done, 1 internal error, 2 bad input, 3 interrupted."""
+"""`diffsynth render | plan | status | demo | smooth | models check`. Exit codes: 0 done, 1 internal error, 2 bad input, 3 interrupted."""
 
 import argparse
 import json
@@ -27,6 +27,15 @@ def _parser():
     render.add_argument("--verify", action="store_true",
                         help="check every cached unit's checksum first and recompute damaged ones (reads the whole "
                              "cache; without it sizes are checked at start and checksums on every read)")
+    render.add_argument("--force", action="store_true",
+                        help="render even when the disk's free space looks too small for the predicted peak "
+                             "(see `diffsynth plan`)")
+    plan = commands.add_parser("plan", help="before rendering: the stages, the disk (peak and final) under "
+                               "data.keep, the VRAM, and for an existing run folder what is done and the time left")
+    plan.add_argument("config", help="the config, as for render")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                      help="override one config value (repeatable), as for render")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
     status = commands.add_parser("status", help="how far a run folder is")
     status.add_argument("run_dir")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -86,19 +95,35 @@ def cmd_smooth(args):
 
 
 def cmd_render(args):
-    from .config import load_config
     from .pipeline import render
+
+    config = load_render_config(args)
+    video = render(config, progress=not args.no_progress, verify=getattr(args, "verify", False),
+                   force=getattr(args, "force", False))
+    print(video)
+
+
+def load_render_config(args):
+    """The config `args.config` names with `args.overrides` applied, read as render reads it (plan uses it too)."""
+    from .config import load_config
 
     if Path(args.config).suffix == ".py":  # an original Diffutoon script: its config literal, never executed
         from .diffutoon import load_script_config
-        config = load_script_config(args.config, args.overrides)
-    elif original_layout(args.config):  # a YAML/JSON config in the original's layout: converted as a script's
+        return load_script_config(args.config, args.overrides)
+    if original_layout(args.config):  # a YAML/JSON config in the original's layout: converted as a script's
         from .diffutoon import load_original_config
-        config = load_original_config(yaml.safe_load(Path(args.config).read_text()), args.overrides)
-    else:
-        config = load_config(args.config, args.overrides)
-    video = render(config, progress=not args.no_progress, verify=getattr(args, "verify", False))
-    print(video)
+        return load_original_config(yaml.safe_load(Path(args.config).read_text()), args.overrides)
+    return load_config(args.config, args.overrides)
+
+
+def cmd_plan(args):
+    from .plan import make_plan, plan_lines
+
+    plan = make_plan(load_render_config(args))
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return
+    print("\n".join(plan_lines(plan)))
 
 
 def original_layout(path):
@@ -160,7 +185,7 @@ def cmd_models(args):
 def main(argv=None):
     args = _parser().parse_args(argv)
     handlers = {"render": cmd_render, "status": cmd_status, "demo": cmd_demo, "models": cmd_models,
-                "smooth": cmd_smooth}
+                "smooth": cmd_smooth, "plan": cmd_plan}
     try:
         handlers[args.command](args)
     except UserError as error:

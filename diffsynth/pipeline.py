@@ -126,9 +126,10 @@ def smoother_chain(ctx, name, guide, frames, stages, ephemeral=False):
     return frames
 
 
-def render(config, progress=True, verify=False):
+def render(config, progress=True, verify=False, force=False):
     """Run or resume the render of `config` in its output folder; returns the path of video.mp4. `verify`: check
-    every cached unit's checksum before starting (see run_stages).
+    every cached unit's checksum before starting (see run_stages). Refuses (UserError) when the disk cannot hold
+    the predicted peak minus what the run folder already stores, unless `force` (diffsynth.plan).
 
     The inputs (videos, model files) are checked before the run folder is created or touched, so a bad input
     leaves no folder behind and changes nothing in an existing one."""
@@ -137,6 +138,9 @@ def render(config, progress=True, verify=False):
     with StopFlag() as stop:  # from here on, SIGINT/SIGTERM mean "stop cleanly" (exit code 3)
         ctx = RenderContext(config, None, ModelStore(config.models))
         stages = build_stages(ctx)
+        if not force:
+            from .plan import check_free_space
+            check_free_space(config, stages)  # before the run folder is touched: a refusal changes nothing
         cache = ctx.cache = RunCache(run_dir)
         try:
             cache.lock()

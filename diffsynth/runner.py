@@ -262,12 +262,12 @@ def _run_stage(stage, pending, total, cache, stop, progress, report, io_threads)
     log.info("stage %s: done in %.1f s", stage.name, time.time() - started)
 
 
-def releasable(stage):
-    """Whether the run's data.keep policy (`Stage.keep`) lets `stage`'s files go once every stage reading it is
-    complete: ephemeral stages under every policy; under `resume` every stage not marked `kept_for_resume`; under
-    `outputs` every stage. A stage that nothing reads (the outputs) is nobody's input, so it is never released.
-    Pure: diffsynth.plan simulates the disk with it."""
-    policy = stage.keep
+def releasable(stage, keep=None):
+    """Whether the run's data.keep policy (`Stage.keep`, or `keep` when given) lets `stage`'s files go once every
+    stage reading it is complete: ephemeral stages under every policy; under `resume` every stage not marked
+    `kept_for_resume`; under `outputs` every stage. A stage that nothing reads (the outputs) is nobody's input, so
+    it is never released. Pure: diffsynth.plan simulates the disk under each policy with it."""
+    policy = keep or stage.keep
     return stage.ephemeral or policy == "outputs" or (policy == "resume" and not stage.kept_for_resume)
 
 
