@@ -26,7 +26,7 @@ def reference(small_render):
     return outputs(small_render / "run")
 
 
-@pytest.mark.parametrize("hang_at", ["decode:5", "annotate:4", "denoise.001.windows:2", "smooth.000.blend:9",
+@pytest.mark.parametrize("hang_at", ["crop:5", "annotate:4", "denoise.001.windows:2", "smooth.000.blend:9",
                                      "vae_decode:6", "smooth.final:20", "encode:13"])
 def test_killed_render_resumes_to_identical_bytes(demo_assets, reference, tmp_path, hang_at):
     config = write_config(tmp_path / "config.yaml", small_config(demo_assets, tmp_path / "run"))

@@ -27,7 +27,7 @@ def four_step_reference(demo_assets, tmp_path_factory):
 # One kill in each kind of stage and at each point of the commit protocol, in the order a render reaches them; each
 # process resumes the folder the previous one was killed in.
 KILL_SEQUENCE = [
-    "decode:5", "before_commit@crop:3", "annotate:4", "before_commit@prompts:1", "latents:6",
+    "crop:5", "before_commit@crop:3", "annotate:4", "before_commit@prompts:1", "latents:6",
     "denoise.000.windows:2", "before_commit@denoise.000.step:5", "retire@denoise.000.windows:1",
     "smooth.001.x0:3", "release@smooth.001.blend:2", "smooth.001.blend:20", "before_commit@smooth.001.blend:3",
     "denoise.001.step:4", "retire@denoise.000.step:1", "denoise.002.windows:1", "denoise.003.step:7",
