@@ -111,9 +111,17 @@ class PipelineInputs(Schema):
     num_inference_steps: int = Field(10, ge=1, le=1000)
     animatediff_batch_size: int = Field(16, ge=1, description="frames per sliding window")
     animatediff_stride: int = Field(8, ge=1, description="frames between window starts")
-    unet_batch_size: int = Field(1, ge=1, description="frames per UNet forward without a motion module (with one, "
-                                                      "each window goes through whole)")
-    controlnet_batch_size: int = Field(1, ge=1, description="frames per ControlNet forward (lower = less VRAM)")
+    unet_batch_size: int | Literal["auto"] = Field(
+        1, description="frames per UNet call (lower = less VRAM); with a motion module, frames per call of the "
+                       "UNet's spatial layers, while the motion modules still see the whole window; auto = the "
+                       "largest that fits the GPU's memory by the VRAM model (diffsynth/vram.py), the whole window "
+                       "on the CPU")
+    controlnet_batch_size: int | Literal["auto"] = Field(
+        1, description="frames per ControlNet call (lower = less VRAM); auto as for unet_batch_size")
+    cfg_halves: Literal["together", "apart"] = Field(
+        "together", description="classifier-free guidance's negative and positive halves: together = in one UNet "
+                                "batch (faster); apart = one UNet call per half (about half the activation memory "
+                                "of a window)")
     long_prompts: Literal["chunks", "diffutoon"] = Field(
         "chunks", description="prompts over 75 tokens: chunks = 75-token chunks, each wrapped in start/end tokens "
                               "(A1111, ComfyUI); diffutoon = as the original, the whole prompt tokenized once and "
@@ -136,6 +144,13 @@ class PipelineInputs(Schema):
             if negative:
                 raise ValueError(f"prompt travel key {negative[0]} is negative; keys are frame indices from 0 (the "
                                  "rendered range's first frame)")
+        return value
+
+    @field_validator("unet_batch_size", "controlnet_batch_size")
+    @classmethod
+    def _batch_size(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError(f"{value} is below 1; give a number of frames (at least 1) or auto")
         return value
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from ..cache import tensors_to_bytes
 from ..errors import UserError
+from ..models.split_inference import motion_unet_eps
 from ..schedule import (
     LATENT_SCALE,
     alphas_cumprod,
@@ -47,6 +48,15 @@ def window_plan(ctx, num_frames):
     return sliding_windows(num_frames, inputs.animatediff_batch_size, inputs.animatediff_stride)
 
 
+def resolved_batch_sizes(ctx):
+    """(unet_batch_size, controlnet_batch_size) as numbers: `auto` resolved by the VRAM model for the device's
+    total memory (the same every time on the same device, so a resume keeps its fingerprints)."""
+    from ..vram import device_memory_bytes, resolve_batch_sizes
+    models = ctx.models
+    return resolve_batch_sizes(ctx.config, device_memory_bytes(models.device), models.device,
+                               models.has_motion_module)
+
+
 class DenoiseWindowsStage(Stage):
     version = "1"
     ephemeral = True
@@ -60,14 +70,16 @@ class DenoiseWindowsStage(Stage):
         self.windows = window_plan(ctx, num_frames)
         self.timestep = denoising_schedule(ctx)[0][step_index]
         self.prompt_timeline = PromptTimeline(prompts)
+        self.unet_batch_size, self.controlnet_batch_size = resolved_batch_sizes(ctx)
 
     def params(self):
         inputs = self.ctx.config.pipeline.pipeline_inputs
         return {"timestep": self.timestep, "windows": self.windows, "cfg_scale": inputs.cfg_scale,
                 "controlnet_scales": [u.scale for u in self.ctx.config.models.controlnet_units],
-                "controlnet_batch_size": inputs.controlnet_batch_size, "unet_batch_size": inputs.unet_batch_size,
+                "controlnet_batch_size": self.controlnet_batch_size, "unet_batch_size": self.unet_batch_size,
                 "models": self.ctx.models.identity("unet"), "dtype": str(self.ctx.models.dtype),
-                **({"cross_frame_attention": True} if inputs.cross_frame_attention else {})}
+                **({"cross_frame_attention": True} if inputs.cross_frame_attention else {}),
+                **({"cfg_halves": "apart"} if inputs.cfg_halves == "apart" else {})}
 
     @staticmethod
     def window_key(j):
@@ -132,14 +144,11 @@ class DenoiseWindowsStage(Stage):
         if inputs.cross_frame_attention:
             return self._unet_cross_frame(sample, text, down_residuals, mid_residual, frames, inputs)
         if self.ctx.models.has_motion_module:
-            # The motion module sees all the window's frames at once: (videos, channels, frames, h, w).
-            video = sample.reshape(2, frames, *sample.shape[1:]).permute(0, 2, 1, 3, 4)
-            out = unet(video, self.timestep, encoder_hidden_states=text,
-                       down_block_additional_residuals=down_residuals,
-                       mid_block_additional_residual=mid_residual).sample
-            return out.permute(0, 2, 1, 3, 4).reshape(sample.shape)
+            # The motion modules see all the window's frames at once; the spatial layers unet_batch_size at a time.
+            return motion_unet_eps(unet, sample, text, self.timestep, down_residuals, mid_residual, frames,
+                                   self.unet_batch_size, inputs.cfg_halves)
         # Without a motion module frames are independent: unet_batch_size frames per forward.
-        chunk = inputs.unet_batch_size
+        chunk = self.unet_batch_size
         outputs = []
         for i in range(0, sample.shape[0], chunk):
             residuals = None if down_residuals is None else [r[i:i + chunk] for r in down_residuals]
@@ -154,7 +163,7 @@ class DenoiseWindowsStage(Stage):
         their tokens must not mix), and the spatial self-attention joins the batch's frames into one sequence."""
         unet = self.ctx.models.unet
         processor = use_cross_frame_attention(unet)
-        chunk = inputs.unet_batch_size
+        chunk = self.unet_batch_size
         groups = [(first, min(first + chunk, half + frames)) for half in (0, frames)
                   for first in range(half, half + frames, chunk)]
         if self.ctx.models.has_motion_module:  # one call for the window; joined in the same groups
@@ -222,7 +231,7 @@ class ControlNetResiduals:
 
     def __init__(self, stage, num_frames):
         self.stage, self.num_frames = stage, num_frames
-        self.group = stage.ctx.config.pipeline.pipeline_inputs.controlnet_batch_size
+        self.group = stage.controlnet_batch_size
         self.kept = {}  # frame index → ([down residual per level], mid residual), each (2 halves, C, h, w)
 
     def frames_computed_with(self, start, end):
