@@ -453,6 +453,28 @@ def draw_render_bar(errors, key):
             cols[2].success("Ready to render.")
 
 
+def draw_plan(config):
+    """The render's plan, as `diffsynth plan` prints it (stages, disk at the peak and at the end under data.keep,
+    VRAM), on demand: it decodes a frame or two and runs the VAE once, too slow to redo at every keystroke. Shown
+    while the form still holds the config it was made for."""
+    if config is None:
+        return
+    from diffsynth.plan import make_plan, plan_lines
+
+    key = config.model_dump_json()
+    cols = st.columns([1, 5])
+    if cols[0].button("Plan", key="plan", help="what this render needs before it starts: disk (peak and at the "
+                      "end), VRAM, and what an existing run folder already has", width="stretch"):
+        try:
+            with st.spinner("Planning…"):
+                ss["plan"] = (key, "\n".join(plan_lines(make_plan(config))))
+        except (UserError, OSError) as error:
+            ss["plan"] = (key, f"No plan: {error}")
+    shown = ss.get("plan")
+    if shown and shown[0] == key:
+        cols[1].code(shown[1], language=None)
+
+
 def draw_form():
     ensure_form()
     st.title(":material/palette: DiffSynth Disk Cache")
@@ -474,8 +496,9 @@ def draw_form():
         cols[2].download_button("Download YAML", F.config_yaml(F.with_output_folder(data, settings)),
                                 file_name="render.yaml", mime="text/yaml", width="stretch")
 
-    _, errors = F.validate(F.data_from_state(ss), settings)
+    config, errors = F.validate(F.data_from_state(ss), settings)
     draw_render_bar(errors, "render")
+    draw_plan(config)
     specs = {spec.name: spec for spec in F.fields_of(F.RenderConfig)}
     order = [n for n in SECTION_ORDER if n in specs] + [n for n in specs if n not in SECTION_ORDER]
     for name in order:

@@ -159,9 +159,10 @@ def unit_sizes(stages, ctx, measured, frames):
     latent_shape = (4, height // 8, width // 8)
     latent = _tensor_size(latent=(latent_shape, torch.float32))
     table = _tensor_size(table=((height, width, 3), torch.float16))  # FastBlend's blends, stored as float16
-    if frames:
-        rgb = sum(len(image_to_bytes(frame)) for frame in frames) / len(frames)
-        png = sum(len(image_to_png(frame)) for frame in frames) / len(frames)
+    made = model_made_frames(ctx.models, frames)  # what the models' frames look like, as near as can be cheaply had
+    if made:
+        rgb = sum(len(image_to_bytes(frame)) for frame in made) / len(made)
+        png = sum(len(image_to_png(frame)) for frame in made) / len(made)
     else:
         rgb = png = len(image_to_bytes(torch.zeros((height, width, 3), dtype=torch.uint8).numpy()))
     sizes = {}
@@ -180,13 +181,37 @@ def unit_sizes(stages, ctx, measured, frames):
         elif isinstance(stage, SmoothStage):
             sizes[stage.name] = {key: table if key.startswith("table") else rgb for key in keys}
         elif isinstance(stage, EncodeStage):
-            video = _video_size(stage, frames, len(stage.final_frames.frame_keys()))
+            video = _video_size(stage, made, len(stage.final_frames.frame_keys()))
             sizes[stage.name] = {key: video if key == VIDEO_KEY else png for key in keys}
         elif _is_latent_stage(stage):
             sizes[stage.name] = dict.fromkeys(keys, latent)
         else:  # decoded frames, x0 previews, enhanced frames, learned annotators: a frame of the output's size
             sizes[stage.name] = dict.fromkeys(keys, rgb)
     return sizes
+
+
+def model_made_frames(models, frames):
+    """The first cropped frames as the models' VAE gives them back (encoded, then decoded in float32, as every
+    model-made frame is): how well the frames the render makes compress depends on the VAE's output, which a good
+    VAE keeps close to the input and a poor one fills with noise. The input frames themselves without the models
+    (absent files) or when the VAE cannot run here."""
+    if not frames or isinstance(models, AbsentModels):
+        return frames
+    from .stages.latents import image_to_vae_input
+    from .stages.vae_decode import decode_latent
+    try:
+        vae = models.vae
+        made = []
+        with torch.no_grad():
+            for frame in frames:
+                latent = vae.encode(image_to_vae_input(frame, vae.device)).latent_dist.mean[0].float().cpu()
+                made.append(decode_latent(vae, latent))
+        return made
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a VAE that cannot run here: the input frames stand in
+        log.info("plan: could not run the VAE on the first frames (%s); sizing with the input frames", error)
+        return frames
 
 
 def _is_latent_stage(stage):

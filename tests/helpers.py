@@ -142,3 +142,50 @@ def pick_damage(run_dir, count, seed):
             if candidates and len(chosen) < count:
                 chosen.append(rng.choice(candidates))
     return [(unit, ("flip", "truncate", "delete")[index % 3]) for index, unit in enumerate(chosen)]
+
+
+def unit_files(run_dir):
+    """Every file a render's units own on disk (cache/, frames/, video.mp4), as paths relative to the run folder."""
+    run_dir = Path(run_dir)
+    found = {str(p.relative_to(run_dir)) for folder in ("cache", "frames") if (run_dir / folder).is_dir()
+             for p in (run_dir / folder).rglob("*") if p.is_file()}
+    return found | ({"video.mp4"} if (run_dir / "video.mp4").is_file() else set())
+
+
+def kept_by_stage(run_dir):
+    """{stage: number of units whose file is kept}, from the manifest (stages with none kept are absent)."""
+    db = sqlite3.connect(Path(run_dir) / "manifest.sqlite")
+    rows = db.execute("SELECT stage, COUNT(*) FROM units WHERE size >= 0 GROUP BY stage").fetchall()
+    db.close()
+    return dict(rows)
+
+
+def render_measuring_disk(config_data):
+    """Render `config_data` (a config dict) in this process, measuring the disk for real: after every unit write,
+    release, retire and forget, the bytes of the unit files on disk are summed (the folder walked, not the
+    manifest). Returns (peak bytes, final bytes)."""
+    from diffsynth import cache as cache_module
+    from diffsynth.config import parse_config
+    from diffsynth.pipeline import render
+
+    config = parse_config(config_data)
+    run_dir = Path(config.data.output_folder)
+    samples = [0]
+
+    def measured(method):
+        def wrapper(self, *args, **kwargs):
+            result = method(self, *args, **kwargs)
+            samples.append(sum((run_dir / path).stat().st_size for path in unit_files(run_dir)))
+            return result
+        return wrapper
+
+    originals = {name: getattr(cache_module.RunCache, name)
+                 for name in ("write", "release_units", "retire_stage", "forget_units")}
+    try:
+        for name, method in originals.items():
+            setattr(cache_module.RunCache, name, measured(method))
+        render(config, progress=False)
+    finally:
+        for name, method in originals.items():
+            setattr(cache_module.RunCache, name, method)
+    return max(samples), samples[-1]
