@@ -24,6 +24,11 @@ def _parser():
     render.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override one config value (repeatable), e.g. --set pipeline.seed=3")
     render.add_argument("--no-progress", action="store_true", help="no progress bars (the log is still written)")
+    render.add_argument("--workers", type=int, metavar="N",
+                        help="compute on N workers at once through a local Ray instance (executor.workers; 1 = in "
+                             "this process, the default)")
+    render.add_argument("--ray", metavar="ADDRESS", help='join a Ray cluster and compute on its workers '
+                        '(executor.address: "auto" or "ray://host:10001")')
     render.add_argument("--verify", action="store_true",
                         help="check every cached unit's checksum first and recompute damaged ones (reads the whole "
                              "cache; without it sizes are checked at start and checksums on every read)")
@@ -96,6 +101,11 @@ def cmd_smooth(args):
 
 def cmd_render(args):
     from .pipeline import render
+
+    if getattr(args, "workers", None) is not None:
+        args.overrides.append(f"executor.workers={args.workers}")
+    if getattr(args, "ray", None):
+        args.overrides.append(f"executor.address={args.ray}")
 
     config = load_render_config(args)
     video = render(config, progress=not args.no_progress, verify=getattr(args, "verify", False),

@@ -235,11 +235,30 @@ class SmootherConfig(Schema):
         return data
 
 
+class ExecutorConfig(Schema):
+    """Where the work units run. Never part of a fingerprint: the output's bytes do not depend on it."""
+    workers: int = Field(1, ge=1, description="workers computing units at once; 1 = in this process (no Ray); "
+                                               "more = Ray actors (a local Ray instance unless `address` is set)")
+    address: str | None = Field(None, description='a Ray cluster to join: "auto" (the one started on this machine '
+                                                  'with `ray start --head`) or "ray://host:10001"; workers then '
+                                                  "defaults to the cluster's GPUs (or CPUs)")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs each worker holds (default: 1 where "
+                                                                  "models.device is a GPU, 0 on the CPU)")
+    cpus_per_worker: float = Field(1, gt=0, description="CPU cores Ray reserves for each worker. Workers compute "
+                                   "with the render process's torch thread count (it changes a CPU result's low "
+                                   "bits, so it is part of the CPU's fingerprint); OMP_NUM_THREADS sets both")
+
+    @property
+    def distributed(self):
+        return self.workers > 1 or self.address is not None
+
+
 class RenderConfig(Schema):
     models: ModelsConfig
     data: DataConfig
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     smoother_configs: list[SmootherConfig] = Field(default_factory=list)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
     @model_validator(mode="after")
     def _check(self):

@@ -4,6 +4,7 @@ import logging
 import os
 import sqlite3
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from .cache import RunCache, atomic_write, check_run_folder, storage_error
 from .config import RenderConfig, config_json
 from .errors import Interrupted, UserError
+from .executor import executor_for
 from .models.loader import ModelStore
 from .runner import StopFlag, run_stages
 from .stages.annotate import AnnotateStage
@@ -35,6 +37,14 @@ class RenderContext:
     @property
     def device(self):
         return self.models.device
+
+    def __getstate__(self):
+        """A Ray worker gets the config and the models (loaded there); never the run's cache, which only the
+        render process opens: the worker's stages read the inputs shipped with each unit instead."""
+        return {"config": self.config, "cache": None, "models": self.models}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
 
 
 def frame_range(frames_config, source):
@@ -149,7 +159,9 @@ def render(config, progress=True, verify=False, force=False):
                 atomic_write(run_dir / "config.json", config_json(config).encode())
                 log.info("render of %s: %d stages", run_dir, len(stages))
                 cache.set_value("outcome", {"state": "running", "pid": os.getpid()})
-                report = run_stages(stages, cache, progress=progress, stop=stop, verify=verify)
+                with executor_for(config.executor, ctx.device) or nullcontext() as executor:
+                    report = run_stages(stages, cache, progress=progress, stop=stop, verify=verify,
+                                        executor=executor)
                 cache.set_value("outcome", {"state": "complete"})
                 log.info("render complete: %s", run_dir / VIDEO_KEY)
                 print(report.summary, file=sys.stderr, flush=True)

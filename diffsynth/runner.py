@@ -107,15 +107,16 @@ class InputPrefetcher:
         self.cache.prefetched.clear()
 
 
-def run_stages(stages, cache, progress=True, stop=None, verify=False, io_threads=True):
+def run_stages(stages, cache, progress=True, stop=None, verify=False, io_threads=True, executor=None):
     """Run every stage to completion (or until a stop is requested). `stop`: a StopFlag the caller installed
     earlier (so a signal during its own start-up counts too); by default the runner installs one itself.
     Start-up checks every kept unit's size, and the checksums of the final outputs; `verify` checks every kept
     unit's checksum (slow on a long video: it reads the whole cache). Every read checks the checksum anyway.
+    `executor`: a RayExecutor (diffsynth.executor) to run the units on many workers; None runs them here.
     Returns a RunReport: how many units were computed and how many were reused from the cache."""
     if stop is None:
         with StopFlag() as stop:
-            return run_stages(stages, cache, progress, stop, verify, io_threads)
+            return run_stages(stages, cache, progress, stop, verify, io_threads, executor)
     names = [stage.name for stage in stages]
     assert len(set(names)) == len(names), f"duplicate stage names in {names}"
     cache.forget_other_stages(set(names))
@@ -138,7 +139,8 @@ def run_stages(stages, cache, progress=True, stop=None, verify=False, io_threads
     report.announce(progress)
     if stop.stop_requested:
         raise Interrupted("stopped before the first unit; run the same command again to resume")
-    while not _walk(stages, keys, cache, stop, progress, report, io_threads):
+    while not (executor.walk(stages, keys, cache, stop, progress, report) if executor else
+               _walk(stages, keys, cache, stop, progress, report, io_threads)):
         pass
     report.finish()
     return report
@@ -247,10 +249,7 @@ def _run_stage(stage, pending, total, cache, stop, progress, report, io_threads)
         for index, (key, data, path) in enumerate(stage.run(pending)):
             if prefetcher:
                 prefetcher.finished(index)
-            try:
-                cache.write(stage.name, key, data, path)
-            except (OSError, sqlite3.OperationalError) as error:
-                raise storage_error(error, cache.run_dir, f"{stage.name}/{key}") or error from None
+            write_unit(cache, stage, key, data, path)
             report.computed[stage.name] += 1
             bar.update(1)
             if stop.stop_requested:
@@ -260,6 +259,14 @@ def _run_stage(stage, pending, total, cache, stop, progress, report, io_threads)
             prefetcher.stop()
         bar.close()
     log.info("stage %s: done in %.1f s", stage.name, time.time() - started)
+
+
+def write_unit(cache, stage, key, data, path):
+    """Store one computed unit; a full or read-only disk becomes one line for the user."""
+    try:
+        cache.write(stage.name, key, data, path)
+    except (OSError, sqlite3.OperationalError) as error:
+        raise storage_error(error, cache.run_dir, f"{stage.name}/{key}") or error from None
 
 
 def releasable(stage, keep=None):

@@ -164,6 +164,8 @@ def device_kind(device):
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda {torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":  # the instruction set and the thread count change how sums are split, so low bits
+        return f"cpu {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
     return device.type
 
 
@@ -249,6 +251,17 @@ class ModelStore:
         if self.device.startswith("cuda"):
             use_deterministic_cuda_kernels()
         self.offloader = Offloader(self.device, getattr(models_config, "vram_limit_level", 0))
+
+    def __getstate__(self):
+        """What a Ray worker receives: the config and the device the fingerprints were made for. It loads the
+        models itself, on first use (never shipped: they are large, and may sit on a GPU)."""
+        return {"config": self.config, "device": self.device}
+
+    def __setstate__(self, state):
+        self.__init__(state["config"])
+        self.device = state["device"]
+        self.dtype = resolve_dtype(state["config"].torch_dtype, self.device)
+        self.offloader = Offloader(self.device, getattr(state["config"], "vram_limit_level", 0))
 
     def identity(self, *components):
         """Fingerprint parts for the named components ("text", "unet", "vae", "controlnet")."""

@@ -16,6 +16,7 @@ class Stage:
     prefetch_inputs = True  # the runner's reader thread loads the next units' declared reads while this one computes
     keep = "all"           # the run's data.keep policy (set by build_stages): which stages' files go once read
     kept_for_resume = False  # kept under keep=resume although its readers are done (the final latents: small, costly)
+    on_coordinator = False  # its units run in the render process even with many workers (reads a local file, or serial)
 
     def __init__(self, ctx, inputs=()):
         self.ctx = ctx
@@ -37,6 +38,11 @@ class Stage:
         they were released and the unit still has to be computed; prefetching and planning rest on it too. The
         default fits per-frame stages: the same key in every input. Stages that read otherwise override it."""
         return [(stage, key) for stage in self.inputs]
+
+    def internal_keys(self):
+        """Units that only this stage's own later units read (FastBlend's tables): with many workers they are
+        released as soon as every unit reading them is done (the stage's own `run` does it in order otherwise)."""
+        return []
 
     def compute(self, key):
         """The bytes of one unit (and, optionally, its path relative to the run folder) as (data, path)."""

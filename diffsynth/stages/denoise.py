@@ -9,7 +9,8 @@ latents and one step's ε, however many steps there are.
 """
 
 import math
-from functools import cached_property, lru_cache
+from collections import OrderedDict
+from functools import cached_property
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -307,10 +308,18 @@ class CombinedEps:
 
     def __init__(self, reader, windows_stage):
         inputs = windows_stage.ctx.config.pipeline.pipeline_inputs
-        self.windows, self.windows_stage = windows_stage.windows, windows_stage
-        overlapping = math.ceil(inputs.animatediff_batch_size / inputs.animatediff_stride) + 1
-        self._window_eps = lru_cache(maxsize=overlapping)(
-            lambda j: reader.read_tensors(windows_stage, windows_stage.window_key(j))["eps"])
+        self.reader, self.windows, self.windows_stage = reader, windows_stage.windows, windows_stage
+        self.capacity = math.ceil(inputs.animatediff_batch_size / inputs.animatediff_stride) + 1
+        self._recent = OrderedDict()  # window index → ε, the last `capacity` windows read
+
+    def _window_eps(self, j):
+        if j in self._recent:
+            self._recent.move_to_end(j)
+        else:
+            self._recent[j] = self.reader.read_tensors(self.windows_stage, self.windows_stage.window_key(j))["eps"]
+            if len(self._recent) > self.capacity:
+                self._recent.popitem(last=False)
+        return self._recent[j]
 
     def __call__(self, index):
         return combine_window_eps(index, self.windows, self._window_eps)

@@ -113,22 +113,31 @@ class SmoothStage(Stage):
         return ([(self.guide, k) for k in frames] + [(self.style, k) for k in frames]
                 + [(self, table_file(table)) for table in self.plan.needed_tables(plan_key)])
 
+    def internal_keys(self):
+        return [table_file(plan_key) for plan_key in self._table_keys]
+
+    def _frames(self):
+        capacity = 2 * (2 * self.config.window_size + 2 + self.config.batch_size)
+        return CachedFrames(self, self.guide, self.style, capacity=capacity, device=self.device)
+
+    def _unit_bytes(self, key, result):
+        if key.startswith("table"):
+            return tensors_to_bytes({"table": result.to(torch.float16)})
+        return image_to_bytes(result.round().clamp(0, 255).to(torch.uint8).cpu().numpy())
+
+    def compute(self, key):
+        """One unit on its own (a Ray worker's way; `run` shares one frame LRU between consecutive units)."""
+        result = self.plan.compute(self._plan_keys[self._position[key]], self._frames(), CachedTables(self))
+        return self._unit_bytes(key, result), None
+
     def run(self, pending_keys):
         pending = sorted(pending_keys, key=self._position.__getitem__)
-        window = self.config.window_size
-        frames = CachedFrames(self, self.guide, self.style, capacity=2 * (2 * window + 2 + self.config.batch_size),
-                              device=self.device)
-        tables = CachedTables(self)
+        frames, tables = self._frames(), CachedTables(self)
         if pending:  # tables a previous run finished with but had not yet released (it died in between)
             self._release(self.plan.releasable_after(self._position[pending[0]]))
         for key in pending:
             position = self._position[key]
-            result = self.plan.compute(self._plan_keys[position], frames, tables)
-            if key.startswith("table"):
-                data = tensors_to_bytes({"table": result.to(torch.float16)})
-            else:
-                data = image_to_bytes(result.round().clamp(0, 255).to(torch.uint8).cpu().numpy())
-            yield key, data, None
+            yield key, self._unit_bytes(key, self.plan.compute(self._plan_keys[position], frames, tables)), None
             self._release(self.plan.newly_releasable(position + 1))
         # Tables recomputed out of order (released ones a pending unit needed again) may have been skipped above.
         self._release(self._table_keys)
