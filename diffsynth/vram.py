@@ -24,11 +24,15 @@ CONTROLNET_PARAMS = 361_279_120
 TEXT_ENCODER_PARAMS = 123_060_480
 VAE_PARAMS = 83_653_863  # always float32
 
-# Fitted by bench/vram.py (elements per latent pixel per sample).
-A_WINDOW = 3900.0
-A_CHUNK = 12000.0
+# PROVISIONAL: solved from the first four CPU points bench/vram.py measured (window 4 and 8, latent 8×8, one
+# ControlNet; 18.2–58.4 MiB, reproduced exactly by these values); those points fix A_CHUNK + A_CN/2 and
+# A_WINDOW + A_RES, and the split between the two of each pair is the tensor count (three copies of the window's
+# residuals: kept, joined, and added inside the UNet). The full run of bench/vram.py (fit + held-out points) was
+# cut short by a busy machine; rerun it and copy its `fitted` values here.
+A_WINDOW = 2500.0
+A_CHUNK = 4500.0
 A_ATTN = 0.0
-A_RES = 3300.0
+A_RES = 4940.0
 A_CN = 6000.0
 
 # The share of a GPU's total memory the model may plan for: the CUDA context, cuDNN workspaces and the caching
