@@ -59,6 +59,7 @@ def test_switching_policy_on_a_finished_run_computes_nothing_and_releases(small_
     before = committed_units(run_dir)
     for policy in ("resume", "outputs", "all"):
         config = json.loads((run_dir / "config.json").read_text())
+        config["data"]["output_folder"] = str(run_dir)  # the copy, never the shared reference
         config["data"]["keep"] = policy
         result = run_cli("render", write_config(tmp_path / "config.yaml", config), "--no-progress")
         assert result.returncode == 0, result.stderr
@@ -106,6 +107,7 @@ def test_a_changed_setting_after_resume_recomputes_released_inputs_but_not_the_d
     shutil.copytree(small_render / "run", run_dir)
     frames, _ = outputs(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
+    config["data"]["output_folder"] = str(run_dir)  # the copy, never the shared reference
     config["data"]["keep"] = "resume"
     assert run_cli("render", write_config(tmp_path / "config.yaml", config), "--no-progress").returncode == 0
     config["data"]["crf"] = 30
