@@ -49,13 +49,13 @@ sys.exit(main(['render', sys.argv[1], '--no-progress']))
 """
 
 
-def render_peak_rss(folder, clip, num_frames, leak=False):
+def render_peak_rss(folder, clip, num_frames, leak=False, size=SIZE):
     models = ensure_demo_assets() / "models"
     config = {
         "models": {"model_list": [str(models / "stable_diffusion"), str(models / "motion_adapter")],
                    "controlnet_units": [{"processor_id": "tile", "model_path": str(models / "controlnet_tile"),
                                          "scale": 0.5}], "device": "cpu"},
-        "data": {"input_frames": {"video_file": str(clip), "width": SIZE, "height": SIZE,
+        "data": {"input_frames": {"video_file": str(clip), "width": size, "height": size,
                                   "end_frame_id": num_frames},
                  "output_folder": str(folder / f"run{num_frames}{'-leak' if leak else ''}")},
         "pipeline": {"pipeline_inputs": {"prompt": "toon", "num_inference_steps": 1, "animatediff_batch_size": 16,
@@ -78,28 +78,33 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--inject-leak", action="store_true", help="keep every stored frame in memory (the check "
                         "that this benchmark fails on an O(N) leak)")
+    parser.add_argument("--size", type=int, default=SIZE, help="frame side in pixels (smaller: a smoke run only)")
+    parser.add_argument("--frames", type=int, nargs=2, default=[SMALL, LARGE], metavar=("SMALL", "LARGE"))
     args = parser.parse_args()
-    leak_mib = (LARGE - SMALL) * SIZE * SIZE * 3 * 3 / 2 ** 20  # three image stages: crop, VAE decode, smoothing
+    size, (small, large) = args.size, args.frames
+    leak_mib = (large - small) * size * size * 3 * 3 / 2 ** 20  # three image stages: crop, VAE decode, smoothing
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        clip = write_synthetic_clip(folder / "long.mp4", num_frames=LARGE, width=SIZE * 3 // 2,
-                                    height=SIZE * 3 // 2, audio=False)
-        small_mib, small_s = render_peak_rss(folder, clip, SMALL, args.inject_leak)
-        large_mib, large_s = render_peak_rss(folder, clip, LARGE, args.inject_leak)
+        clip = write_synthetic_clip(folder / "long.mp4", num_frames=large, width=size * 3 // 2,
+                                    height=size * 3 // 2, audio=False)
+        small_mib, small_s = render_peak_rss(folder, clip, small, args.inject_leak, size)
+        large_mib, large_s = render_peak_rss(folder, clip, large, args.inject_leak, size)
     ratio = large_mib / small_mib
     ok = ratio <= 1.05
-    result = {"size": SIZE, "frames": [SMALL, LARGE], "leak_injected": args.inject_leak,
-              f"peak_rss_mib_{SMALL}": round(small_mib, 1), f"peak_rss_mib_{LARGE}": round(large_mib, 1),
+    result = {"size": size, "frames": [small, large], "leak_injected": args.inject_leak,
+              f"peak_rss_mib_{small}": round(small_mib, 1), f"peak_rss_mib_{large}": round(large_mib, 1),
               "ratio": round(ratio, 3), "target": 1.05, "margin_mib": round(0.05 * small_mib, 1),
-              "leak_of_every_frame_mib": round(leak_mib, 1), f"seconds_{SMALL}": round(small_s, 1),
-              f"seconds_{LARGE}": round(large_s, 1), "machine": f"{platform.machine()}, {platform.processor()}",
+              "leak_of_every_frame_mib": round(leak_mib, 1), f"seconds_{small}": round(small_s, 1),
+              f"seconds_{large}": round(large_s, 1), "machine": f"{platform.machine()}, {platform.processor()}",
               "cpus": __import__("os").cpu_count()}
-    print(f"{SIZE}×{SIZE}{', leak injected' if args.inject_leak else ''}: peak RSS {SMALL} frames "
-          f"{small_mib:.0f} MiB, {LARGE} frames {large_mib:.0f} MiB, ratio {ratio:.3f} (target ≤ 1.05) "
+    print(f"{size}×{size}{', leak injected' if args.inject_leak else ''}: peak RSS {small} frames "
+          f"{small_mib:.0f} MiB, {large} frames {large_mib:.0f} MiB, ratio {ratio:.3f} (target ≤ 1.05) "
           f"{'OK' if ok else 'OVER TARGET'}; a leak of every stored frame would add ~{leak_mib:.0f} MiB, the "
           f"margin is {0.05 * small_mib:.0f} MiB")
     (REPO / "bench" / "results").mkdir(exist_ok=True)
     name = "memory_leak_injected.json" if args.inject_leak else "memory.json"
+    if (size, small, large) != (SIZE, SMALL, LARGE):
+        name = name.replace(".json", f"_smoke_{size}px.json")  # not the benchmark's figures
     (REPO / "bench" / "results" / name).write_text(json.dumps(result, indent=2))
     return 0 if ok else 1
 
