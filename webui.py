@@ -32,8 +32,8 @@ STATE_ICONS = {"running": ":material/play_circle:", "starting": ":material/hourg
                "complete": ":material/check_circle:", "interrupted": ":material/pause_circle:",
                "failed": ":material/error:", "new": ":material/radio_button_unchecked:"}
 SECTION_TITLES = {"data": "1. Your video", "pipeline": "2. The look", "models": "3. Models",
-                  "smoother_configs": "Smoothing (FastBlend)"}
-SECTION_ORDER = ("data", "pipeline", "models", "smoother_configs")  # schema fields not named here come after
+                  "smoother_configs": "Smoothing (FastBlend)", "executor": "Workers (many GPUs or machines)"}
+SECTION_ORDER = ("data", "pipeline", "models", "smoother_configs", "executor")  # schema fields not named here come after
 # How often an open run page (and the runs list) re-reads a run that is rendering. Each refresh is a few aggregate
 # queries on the manifest; nothing refreshes while no render is active.
 REFRESH_SECONDS = 2.0

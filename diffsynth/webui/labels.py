@@ -51,6 +51,10 @@ FIELDS = {
     "smoother_configs.*.config.inference_mode": ("Smoothing mode", False),
     "smoother_configs.*.config.window_size": ("Smoothing window (frames each side)", False),
     "smoother_configs.*.config.rate": ("Strength (1 = unchanged)", False),
+    "executor.workers": ("Workers computing at once (more than 1 uses Ray)", False),
+    "executor.address": ("Ray cluster to join", False),
+    "executor.gpus_per_worker": ("GPUs per worker", False),
+    "executor.cpus_per_worker": ("CPU cores per worker", False),
 }
 
 
