@@ -110,8 +110,8 @@ def import_ray():
 class RayExecutor:
     """Starts (or joins) Ray and runs the render's units on `workers` actors; `walk` is the runner's loop for it."""
 
-    def __init__(self, settings, device):
-        self.settings = settings
+    def __init__(self, settings, device, stages):
+        self.settings, self.stages = settings, stages
         self.uses_gpu = str(device).startswith("cuda")
         self.ray = None
         self.started_ray = False
@@ -145,6 +145,10 @@ class RayExecutor:
                                int(resources.get("CPU", 1) // settings.cpus_per_worker))
         log.info("executor: %d Ray worker(s) (%s CPU, %s GPU each)%s", self.workers, settings.cpus_per_worker, gpus,
                  f" on {settings.address}" if settings.address else "")
+        # Started now, so they import and unpickle while the runner checks the cache (Ray creates actors in the
+        # background); they load the models on their first unit.
+        self.stages_ref = ray.put(self.stages)
+        self.actors = [self._start_actor() for _ in range(self.workers)]
         return self
 
     def __exit__(self, *exc):
@@ -220,12 +224,6 @@ class Walk:
 
     # --- the loop --------------------------------------------------------------------------------------------------
     def run(self):
-        executor = self.executor
-        if any(self.left.values()) and not executor.actors:
-            remote = [stage for stage in self.stages if not stage.on_coordinator and self.left[stage.name]]
-            if remote:
-                executor.stages_ref = self.ray.put(self.stages)
-                executor.actors = [executor._start_actor() for _ in range(executor.workers)]
         for stage in self.stages:  # ephemeral inputs of stages complete before this pass
             if not self.left[stage.name]:
                 _retire_finished_inputs(stage, self.stages, self.cache)
@@ -376,6 +374,6 @@ class Walk:
         self.cache.release_units(stage.name, releasable)
 
 
-def executor_for(settings, device):
+def executor_for(settings, device, stages):
     """The executor a render uses: None (in this process, no Ray) for one worker, else a RayExecutor."""
-    return RayExecutor(settings, device) if settings.distributed else None
+    return RayExecutor(settings, device, stages) if settings.distributed else None

@@ -159,7 +159,7 @@ def render(config, progress=True, verify=False, force=False):
                 atomic_write(run_dir / "config.json", config_json(config).encode())
                 log.info("render of %s: %d stages", run_dir, len(stages))
                 cache.set_value("outcome", {"state": "running", "pid": os.getpid()})
-                with executor_for(config.executor, ctx.device) or nullcontext() as executor:
+                with executor_for(config.executor, ctx.device, stages) or nullcontext() as executor:
                     report = run_stages(stages, cache, progress=progress, stop=stop, verify=verify,
                                         executor=executor)
                 cache.set_value("outcome", {"state": "complete"})
