@@ -22,8 +22,7 @@ is byte-identical whatever the number of workers, on the same kind of device.
 
 import logging
 import os
-import sys
-import time
+import signal
 from collections import defaultdict, deque
 
 import torch
@@ -94,7 +93,6 @@ def _test_kill_point(stage_name, computed):
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
-        import signal
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -123,6 +121,9 @@ class RayExecutor:
         settings = self.settings
         gpus = settings.gpus_per_worker if settings.gpus_per_worker is not None else (1 if self.uses_gpu else 0)
         self.gpus_per_worker = gpus
+        # Ray's core installs its own fatal-signal handlers (SIGTERM would abort the render); the runner's stop
+        # handlers are put back once it has started.
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         if not ray.is_initialized():
             options = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
                            runtime_env={"env_vars": {k: v for k, v in os.environ.items()
@@ -138,6 +139,9 @@ class RayExecutor:
                 ray.init(num_cpus=max(1, round(settings.workers * settings.cpus_per_worker)),
                          num_gpus=None if gpus else 0, **options)
             self.started_ray = True
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
         self.workers = settings.workers
         if settings.address and settings.workers == 1:  # joined a cluster without a count: one per GPU (or CPU)
             resources = ray.cluster_resources()

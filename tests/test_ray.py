@@ -2,6 +2,7 @@
 the coordinator killed with workers busy. Each test starts its own local Ray instance (`--workers N`)."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -105,3 +106,33 @@ def test_missing_ray_is_one_line(monkeypatch):
     with pytest.raises(UserError, match=r"pip install"):
         import_ray()
     assert os.environ.get("DIFFSYNTH_TEST_HANG_AT") is None
+
+
+def test_stop_signal_commits_what_was_computing_and_starts_nothing(small_render, demo_assets, tmp_path):
+    """SIGTERM (Ray's core would abort on it; the runner's handler must win): exit 3, the units that were
+    computing are committed and nothing new starts, then the same command finishes with the same bytes."""
+    from diffsynth.executor import IN_FLIGHT
+
+    config = small_config(demo_assets, tmp_path / "run")
+    config["executor"] = {"workers": 2}
+    path = write_config(tmp_path / "config.yaml", config)
+    process = subprocess.Popen([sys.executable, "-m", "diffsynth", "render", str(path), "--no-progress"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.time() + 300
+        while len(committed_units(tmp_path / "run")) < 40:
+            assert process.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        signalled_at = time.time()
+        stderr = process.communicate(timeout=120)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 3, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted:")
+    after_signal = [unit for unit, finished in committed_units(tmp_path / "run").items() if finished > signalled_at]
+    assert len(after_signal) <= 2 * IN_FLIGHT + 1, after_signal  # in flight on the workers, and one unit here
+    result = run_cli("render", path, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert outputs(tmp_path / "run") == outputs(small_render / "run")
