@@ -132,9 +132,9 @@ class RayExecutor:
                 try:
                     ray.init(address=settings.address, **options)
                 except (ConnectionError, RuntimeError, ValueError) as error:
-                    raise UserError(f"cannot join the Ray cluster at executor.address {settings.address!r}: "
-                                    f"{str(error).splitlines()[0]}; start it with `ray start --head` or check the "
-                                    "address") from None
+                    reason = str(error).splitlines()[0].split(". ")[0].rstrip(".")
+                    raise UserError(f"cannot join the Ray cluster at executor.address {settings.address!r} "
+                                    f"({reason}); start one with `ray start --head` or check the address") from None
             else:
                 ray.init(num_cpus=max(1, round(settings.workers * settings.cpus_per_worker)),
                          num_gpus=None if gpus else 0, **options)

@@ -136,3 +136,12 @@ def test_stop_signal_commits_what_was_computing_and_starts_nothing(small_render,
     result = run_cli("render", path, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert outputs(tmp_path / "run") == outputs(small_render / "run")
+
+
+def test_no_cluster_at_the_address_is_one_line(demo_assets, tmp_path):
+    path = write_config(tmp_path / "config.yaml", small_config(demo_assets, tmp_path / "run"))
+    result = run_cli("render", path, "--no-progress", "--ray", "auto", env={"RAY_ADDRESS": ""})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: cannot join the Ray cluster at executor.address 'auto'")
+    assert "Traceback" not in result.stderr
