@@ -52,10 +52,23 @@ class ModelsConfig(Schema):
     vram_limit_level: int = Field(
         0, ge=0, le=2, description="0: all models on the GPU; 1: only the running stage's models (idle ones wait on "
                                    "the CPU); 2: only the running model")
+    vae_tile_size: int = Field(
+        512, ge=0, description="frames wider or taller than this many pixels are VAE-encoded and -decoded in tiles "
+                               "of this size (diffusers' tiling, tiles overlapping by a quarter), so large frames "
+                               "fit the GPU; a multiple of 32; 0 = never tile. Frames at or below it are unchanged")
     annotators_folder: str | None = path_field(
         None, kind="models", description="folder of annotator weights (sk_model.pth, ControlNetHED.pth, …; lllyasviel/Annotators)")
     tokenizer_folder: str | None = path_field(
         None, kind="models", description="CLIP tokenizer folder for a single-file base model (default: SD1.5's, shipped)")
+
+    @field_validator("vae_tile_size")
+    @classmethod
+    def _tile_multiple_of_32(cls, value):
+        """Tiles overlap by a quarter, in latent pixels (1/8): only a multiple of 32 lines the tiles up exactly."""
+        if value % 32:
+            raise ValueError(f"{value} is not a multiple of 32 (tiles overlap by a quarter of their latent size); "
+                             "e.g. 512, or 0 to never tile")
+        return value
 
 
 class FramesConfig(Schema):

@@ -61,6 +61,10 @@ class AbsentModels:
     def identity(self, *components):
         return {"absent": True}
 
+    def vae_tile(self, height, width):
+        from .models.loader import DEFAULT_VAE_TILE_SIZE, vae_tile
+        return vae_tile(getattr(self.config, "vae_tile_size", DEFAULT_VAE_TILE_SIZE), height, width)
+
 
 def build_plan_stages(config):
     """(stages, models note): the stage list exactly as `render` builds it (pipeline.build_stages). When the model
@@ -197,15 +201,14 @@ def model_made_frames(models, frames):
     (absent files) or when the VAE cannot run here."""
     if not frames or isinstance(models, AbsentModels):
         return frames
-    from .stages.latents import image_to_vae_input
+    from .stages.latents import encode_image
     from .stages.vae_decode import decode_latent
     try:
         vae = models.vae
         made = []
-        with torch.no_grad():
-            for frame in frames:
-                latent = vae.encode(image_to_vae_input(frame, vae.device)).latent_dist.mean[0].float().cpu()
-                made.append(decode_latent(vae, latent))
+        for frame in frames:
+            tile = models.vae_tile(*frame.shape[:2])  # tiled as the render tiles it: a large frame fits the GPU
+            made.append(decode_latent(vae, encode_image(vae, frame, tile), tile))
         return made
     except UserError:
         raise

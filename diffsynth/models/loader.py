@@ -284,6 +284,10 @@ class ModelStore:
         parts["device"] = device_kind(self.device)
         return parts
 
+    def vae_tile(self, height, width):
+        """The VAE tile size (pixels) for a height × width frame, or None: see `vae_tile`."""
+        return vae_tile(getattr(self.config, "vae_tile_size", DEFAULT_VAE_TILE_SIZE), height, width)
+
     @property
     def base_is_file(self):
         return self.files.base.is_file()
@@ -436,6 +440,32 @@ class ModelStore:
             vae = AutoencoderKL.from_pretrained(self.files.base / "vae", local_files_only=True)
         vae = vae.float().eval()
         return self.offloader.register("vae", vae, hook_modules=[vae.encoder, vae.decoder])
+
+
+DEFAULT_VAE_TILE_SIZE = 512  # SD1.5's VAE sample size: the tile diffusers uses for it
+
+
+def vae_tile(tile_size, height, width):
+    """The one place that decides VAE tiling: a frame wider or taller than `tile_size` pixels (models.vae_tile_size;
+    0 = never) is encoded and decoded in tiles of that size, returned; None = the whole frame at once, as before
+    tiling existed (same bytes, same fingerprints). The stages put the returned size in their params() only when it
+    is not None, and pass it to `set_vae_tiling` before each VAE call."""
+    return tile_size if tile_size and (height > tile_size or width > tile_size) else None
+
+
+def set_vae_tiling(vae, tile):
+    """Switch diffusers' AutoencoderKL tiling on with `tile`-pixel tiles and its default quarter overlap, or off
+    (tile None). Every attribute is set explicitly, in pixels and latent pixels, so a model whose config.sample_size
+    is not 512 (the tiny test models) tiles exactly as SD1.5's VAE does; with the tile at least the frame's size
+    diffusers' own check (frame > tile) never tiles either."""
+    if tile is None:
+        vae.use_tiling = False
+        return
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SD1.5
+    vae.tile_sample_min_size = tile
+    vae.tile_latent_min_size = tile // factor
+    vae.tile_overlap_factor = 0.25
+    vae.use_tiling = True
 
 
 def use_sdpa(model):

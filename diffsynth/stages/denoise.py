@@ -29,8 +29,9 @@ from ..schedule import (
     windows_containing,
 )
 from .base import Stage, frame_index, frame_key
-from .latents import image_to_vae_input
+from .latents import encode_image, image_to_vae_input
 from .prompts import PromptTimeline
+from .vae_decode import frame_vae_tile, vae_tile_params
 
 
 def denoising_schedule(ctx):
@@ -350,6 +351,7 @@ class DenoiseStepStage(Stage):
         params = {"alpha_t": self.alpha_t, "alpha_prev": self.alpha_prev}
         if self.smoothed is not None:
             params["models"] = self.ctx.models.identity("vae")
+            params.update(vae_tile_params(self.ctx))
         return params
 
     def unit_keys(self):
@@ -366,9 +368,7 @@ class DenoiseStepStage(Stage):
         if self.smoothed is None:
             eps = self.eps(index)
         else:  # in-loop smoothing: ε recomputed from the smoothed frame's x0
-            vae = self.ctx.models.vae
-            image = image_to_vae_input(self.read_image(self.smoothed, key), vae.device)
-            with torch.no_grad():
-                x0 = vae.encode(image).latent_dist.mean[0].float().cpu() * LATENT_SCALE
+            image = self.read_image(self.smoothed, key)
+            x0 = encode_image(self.ctx.models.vae, image, frame_vae_tile(self.ctx)) * LATENT_SCALE
             eps = eps_from_x0(x_t, x0, self.alpha_t)
         return tensors_to_bytes({"latent": ddim_step(x_t, eps, self.alpha_t, self.alpha_prev)}), None

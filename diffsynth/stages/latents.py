@@ -5,13 +5,23 @@ cropped frame is VAE-encoded (mean × 0.18215) and noised to the first timestep.
 import torch
 
 from ..cache import tensors_to_bytes
+from ..models.loader import set_vae_tiling
 from ..schedule import LATENT_SCALE, add_noise, alphas_cumprod, frame_noise, shared_noise, timesteps
 from .base import Stage, frame_index
+from .vae_decode import frame_vae_tile, vae_tile_params
 
 
 def image_to_vae_input(image, device):
     """uint8 (H, W, 3) → float32 (1, 3, H, W) in [-1, 1]."""
     return torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
+
+
+@torch.no_grad()
+def encode_image(vae, image, tile=None):
+    """uint8 (H, W, 3) → the float32 (4, H/8, W/8) latent mean (unscaled), on the CPU; in `tile`-pixel tiles when
+    given (ModelStore.vae_tile)."""
+    set_vae_tiling(vae, tile)
+    return vae.encode(image_to_vae_input(image, vae.device)).latent_dist.mean[0].float().cpu()
 
 
 class InitialLatentsStage(Stage):
@@ -30,6 +40,7 @@ class InitialLatentsStage(Stage):
                   "motion": self.ctx.models.has_motion_module}
         if inputs.denoising_strength < 1:
             params["models"] = self.ctx.models.identity("vae")
+            params.update(vae_tile_params(self.ctx))
         return params
 
     def unit_keys(self):
@@ -47,9 +58,8 @@ class InitialLatentsStage(Stage):
         inputs = self.ctx.config.pipeline.pipeline_inputs
         if inputs.denoising_strength >= 1:
             return tensors_to_bytes({"latent": noise}), None
-        vae = self.ctx.models.vae
         image = self.read_image(self.cropped, key)
-        x0 = vae.encode(image_to_vae_input(image, vae.device)).latent_dist.mean[0].float().cpu() * LATENT_SCALE
+        x0 = encode_image(self.ctx.models.vae, image, frame_vae_tile(self.ctx)) * LATENT_SCALE
         alpha = alphas_cumprod(self.ctx.models.has_motion_module)[
             timesteps(inputs.denoising_strength, inputs.num_inference_steps)[0]].item()
         return tensors_to_bytes({"latent": add_noise(x0, noise, alpha)}), None

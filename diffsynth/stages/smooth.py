@@ -24,7 +24,7 @@ from ..models.loader import device_kind
 from ..schedule import x0_from_eps
 from .base import Stage, frame_index, frame_key
 from .denoise import CombinedEps
-from .vae_decode import decode_latent
+from .vae_decode import decode_latent, frame_vae_tile, vae_tile_params
 
 PLAN_FRAME_PREFIX = plan_frame_key(0)[: -len("000000")]
 
@@ -158,7 +158,7 @@ class InLoopX0Stage(Stage):
         self.eps = CombinedEps(self, windows_stage)
 
     def params(self):
-        return {"alpha_t": self.alpha_t, "models": self.ctx.models.identity("vae")}
+        return {"alpha_t": self.alpha_t, "models": self.ctx.models.identity("vae"), **vae_tile_params(self.ctx)}
 
     def unit_keys(self):
         return self.latents.unit_keys()
@@ -169,7 +169,8 @@ class InLoopX0Stage(Stage):
     def compute(self, key):
         x_t = self.read_tensors(self.latents, key)["latent"]
         eps = self.eps(frame_index(key))
-        return image_to_bytes(decode_latent(self.ctx.models.vae, x0_from_eps(x_t, eps, self.alpha_t))), None
+        x0 = x0_from_eps(x_t, eps, self.alpha_t)
+        return image_to_bytes(decode_latent(self.ctx.models.vae, x0, frame_vae_tile(self.ctx))), None
 
 
 

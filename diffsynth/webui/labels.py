@@ -32,6 +32,7 @@ FIELDS = {
     "models.device": ("Device", False),
     "models.torch_dtype": ("Precision", False),
     "models.vram_limit_level": ("Save GPU memory (0 = off)", False),
+    "models.vae_tile_size": ("VAE tile size for large frames (px, 0 = never tile)", False),
     "models.annotators_folder": ("Annotator weights folder", False),
     "models.tokenizer_folder": ("Tokenizer folder", False),
     "pipeline.seed": ("Seed", False),
