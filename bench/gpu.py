@@ -81,14 +81,15 @@ def render_config(models, clip, run_dir, s):
         "models": {"model_list": [str(models["stable_diffusion"]), str(models["motion_adapter"])],
                    "controlnet_units": [
                        {"processor_id": "tile", "model_path": str(models["controlnet_tile"]), "scale": 0.5},
-                       {"processor_id": "canny", "model_path": str(models["controlnet_canny"]), "scale": 0.5}],
+                       {"processor_id": "tile", "model_path": str(models["controlnet_canny"]), "scale": 0.5}],
                    "device": s["device"], "torch_dtype": s["dtype"]},
         "data": {"input_frames": {"video_file": str(clip), "width": s["width"], "height": s["height"],
                                   "end_frame_id": s["frames"]}, "output_folder": str(run_dir)},
         "pipeline": {"seed": 0, "pipeline_inputs": {
             "prompt": "best quality, anime", "negative_prompt": "worst quality", "cfg_scale": 7.0,
             "num_inference_steps": s["steps"], "animatediff_batch_size": s["window"],
-            "animatediff_stride": s["stride"], "controlnet_batch_size": s["window"], "smoother_progress_ids": []}},
+            "animatediff_stride": s["stride"], "controlnet_batch_size": s["window"], "unet_batch_size": "auto",
+            "smoother_progress_ids": []}},
     })
 
 
@@ -214,9 +215,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpu", action="store_true", help="dry run at tiny sizes on the CPU")
     parser.add_argument("--out", help="results file (default: bench/results/gpu.json, or gpu_cpu_dry_run.json)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default 10; fewer to fit a short device lease)")
     args = parser.parse_args()
     quiet_libraries()
     s = setup(args.cpu)
+    if args.steps:
+        s["steps"] = args.steps
     if not args.cpu and not torch.cuda.is_available():
         sys.exit("bench/gpu.py: no CUDA device here; run it on a GPU machine, or with --cpu for a dry run")
     device_name = torch.cuda.get_device_name() if s["device"] == "cuda" else platform.processor() or "cpu"

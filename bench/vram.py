@@ -45,6 +45,12 @@ FIT_POINTS = [
 HELD_OUT_POINTS = [(8, 8, 16, 4, "apart", 1, 4), (4, 16, 16, 1, "together", 1, 1), (6, 16, 8, 3, "together", 1, 2)]
 CUDA_POINTS = [(16, 72, 128, 16, "together", 2, 16), (16, 72, 128, 1, "together", 2, 1),
                (16, 192, 192, 1, "together", 2, 1), (16, 192, 192, 1, "apart", 2, 1)]
+# More GPU points, so a later session can refit the coefficients from float16 measurements if the CPU fit is off.
+CUDA_FIT_POINTS = [(16, 64, 64, 16, "together", 2, 16), (16, 64, 64, 4, "together", 2, 4),
+                   (16, 64, 64, 1, "apart", 0, 1), (16, 64, 64, 1, "together", 0, 1),
+                   (8, 96, 96, 2, "together", 1, 2), (16, 128, 128, 1, "together", 2, 1),
+                   (16, 128, 128, 4, "apart", 2, 4), (32, 72, 128, 1, "together", 2, 1),
+                   (16, 192, 192, 2, "together", 2, 2), (16, 96, 160, 1, "together", 1, 1)]
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -186,7 +192,7 @@ def measure_cuda():
     unet, controlnets, _ = build_models(device, dtype, 2)
     weights = torch.cuda.memory_allocated()
     rows = []
-    for point in CUDA_POINTS:
+    for split, point in [("target", p) for p in CUDA_POINTS] + [("fit", p) for p in CUDA_FIT_POINTS]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
@@ -196,7 +202,7 @@ def measure_cuda():
         except torch.cuda.OutOfMemoryError:
             peak = None
         predicted = predict(point, 2, weights=True)
-        rows.append({"point": list(point), "measured_bytes": peak, "predicted_bytes": predicted,
+        rows.append({"split": split, "point": list(point), "measured_bytes": peak, "predicted_bytes": predicted,
                      "weights_bytes": weights, "relative_error": None if peak is None else (predicted - peak) / peak})
         print(f"  {point}: measured {peak and peak / 2**30:.2f} GiB, predicted {predicted / 2**30:.2f} GiB")
     return rows

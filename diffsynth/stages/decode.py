@@ -7,6 +7,7 @@ from .base import Stage, frame_index, frame_key
 
 
 class DecodeStage(Stage):
+    on_coordinator = True  # streams the source file in order; with many workers the render process decodes
     version = "4"  # 2: frames stored as raw uint8 safetensors instead of PNG; 3: image folders in natural order;
     # 4: frames stored zstd-compressed (cache.image_to_bytes)
 

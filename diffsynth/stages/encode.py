@@ -17,11 +17,12 @@ class EncodeStage(Stage):
     version = "4"  # 2: frames stored as raw uint8 safetensors instead of PNG; 3: x264 without mbtree (determinism);
     # 4: frames/ PNGs written by OpenCV (zlib level 1, RLE) instead of Pillow
     prefetch_inputs = False  # the video unit reads every frame: streamed one at a time instead
+    on_coordinator = True  # the one serial stage: the video is written where the run folder is
 
     def __init__(self, ctx, final_frames, fps, audio, size, crf, save_frames=True):
         super().__init__(ctx, [final_frames])
-        self.final_frames = final_frames
         self.save_frames = save_frames  # frames/00000.png …; off: the stage's only unit is video.mp4
+        self.final_frames = final_frames
         self.fps = fps
         self.audio = audio  # (source path, start seconds, end seconds) or None
         self.width, self.height = size
@@ -29,9 +30,9 @@ class EncodeStage(Stage):
         self.codec = encoder_name(self.width, self.height, crf)
 
     def params(self):
-        return {"fps": str(self.fps), "crf": self.crf, "audio": self.audio, "size": [self.width, self.height],
         # save_frames changes the stage's units (frames/*.png or none), not their bytes: toggling it on a finished
         # run makes the stage stale (its PNGs deleted or written, the video encoded again, a few seconds).
+        return {"fps": str(self.fps), "crf": self.crf, "audio": self.audio, "size": [self.width, self.height],
                 "codec": self.codec, "save_frames": self.save_frames}
 
     def unit_keys(self):
