@@ -48,7 +48,7 @@ def bench_config(assets, clip, run_dir, frames, size, workers):
             "prompt": "a toon city", "num_inference_steps": 1, "animatediff_batch_size": 16,
             "animatediff_stride": 8, "unet_batch_size": 16, "smoother_progress_ids": [-1]}},
         "smoother_configs": [{"processor_type": "FastBlend", "config": {
-            "inference_mode": "fast", "window_size": 7, "minimum_patch_size": 5, "num_iter": 4}}],
+            "inference_mode": "fast", "window_size": 3, "minimum_patch_size": 3, "num_iter": 2}}],
         "executor": {"workers": workers},
     }
 
