@@ -498,11 +498,13 @@ def draw_form():
 
     config, errors = F.validate(F.data_from_state(ss), settings)
     draw_render_bar(errors, "render")
-    draw_plan(config)
     specs = {spec.name: spec for spec in F.fields_of(F.RenderConfig)}
     order = [n for n in SECTION_ORDER if n in specs] + [n for n in specs if n not in SECTION_ORDER]
     for name in order:
         draw_section(specs[name], errors)
+    # The plan sits at the foot of the form, beside the last Render button: drawn above the sections, its columns
+    # shifted the form's elements, and an uploaded video no longer reached its field in the browser.
+    draw_plan(config)
     st.button("Render", key="render_bottom", type="primary", on_click=start_render)
 
 
