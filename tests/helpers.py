@@ -17,11 +17,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 def small_config(demo_assets, output_folder, **pipeline_inputs):
     """A fast render config on the demo assets: 12 frames at 64×64, two sliding windows, tile + canny, FastBlend
-    on x0 after the first step and on the final frames."""
+    on x0 after the first step and on the final frames. The UNet takes a whole window per call (unet_batch_size 8):
+    chunked calls give the same bits on the CPU (tests/test_unet_chunks.py) at about twice the time."""
     models = demo_assets / "models"
     inputs = {"prompt": "a toon cat", "negative_prompt": "blurry", "cfg_scale": 7.0, "clip_skip": 2,
               "num_inference_steps": 2, "animatediff_batch_size": 8, "animatediff_stride": 4,
-              "controlnet_batch_size": 16, "smoother_progress_ids": [0, -1]}
+              "unet_batch_size": 8, "controlnet_batch_size": 16, "smoother_progress_ids": [0, -1]}
     inputs.update(pipeline_inputs)
     return {
         "models": {"model_list": [str(models / "stable_diffusion"), str(models / "motion_adapter")],
