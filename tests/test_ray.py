@@ -39,7 +39,7 @@ def render_with_workers(demo_assets, folder, workers, env=None):
     return folder / "run"
 
 
-@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("workers", [3])  # 2 workers: the worker-kill and stop tests compare their bytes too
 def test_workers_give_the_bytes_of_one(small_render, demo_assets, tmp_path, workers):
     run_dir = render_with_workers(demo_assets, tmp_path, workers)
     frames, video = outputs(run_dir)
