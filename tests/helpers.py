@@ -101,6 +101,21 @@ def recomputed(before, after):
     return sorted(unit for unit, finished in before.items() if after.get(unit) != finished)
 
 
+def kill_chain(config, run_dir, kill_points):
+    """Kill a render at each point in turn (each run resuming the last), then finish it. Returns {kill point or
+    "final resume": the committed units that run computed again}, counted from the manifest."""
+    redone, before = {}, {}
+    for kill_point in kill_points:
+        render_until_hang(config, kill_point)
+        after = committed_units(run_dir)
+        redone[kill_point] = recomputed(before, after)
+        before = after
+    result = run_cli("render", config, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    redone["final resume"] = recomputed(before, committed_units(run_dir))
+    return redone
+
+
 def kept_files(run_dir):
     """{(stage, key): path} of every unit whose file is kept on disk."""
     db = sqlite3.connect(run_dir / "manifest.sqlite")

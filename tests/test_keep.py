@@ -11,9 +11,8 @@ from helpers import (
     committed_units,
     kept_by_stage,
     kept_files,
+    kill_chain,
     outputs,
-    recomputed,
-    render_until_hang,
     run_cli,
     small_config,
     unit_files,
@@ -84,15 +83,7 @@ def test_kills_during_each_policy_resume_to_identical_bytes(demo_assets, small_r
     config_data["data"]["keep"] = policy
     config = write_config(tmp_path / "config.yaml", config_data)
     run_dir = tmp_path / "run"
-    redone, before = {}, {}
-    for kill_point in kill_points:
-        render_until_hang(config, kill_point)
-        after = committed_units(run_dir)
-        redone[kill_point] = recomputed(before, after)
-        before = after
-    result = run_cli("render", config, "--no-progress")
-    assert result.returncode == 0, result.stderr
-    redone["final resume"] = recomputed(before, committed_units(run_dir))
+    redone = kill_chain(config, run_dir, kill_points)
     assert max(len(units) for units in redone.values()) <= 1, redone
     assert outputs(run_dir) == outputs(small_render / "run")
     assert not list(run_dir.rglob("*.tmp")), "leftover temporary files"

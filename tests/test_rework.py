@@ -7,7 +7,7 @@ import shutil
 import sqlite3
 
 import pytest
-from helpers import committed_units, outputs, recomputed, render_until_hang, run_cli, small_config, write_config
+from helpers import committed_units, kill_chain, outputs, recomputed, run_cli, small_config, write_config
 
 
 def four_step_config(demo_assets, run_dir):
@@ -38,16 +38,7 @@ KILL_SEQUENCE = [
 def test_resumes_after_kills_recompute_at_most_one_committed_unit(demo_assets, four_step_reference, tmp_path):
     config = write_config(tmp_path / "config.yaml", four_step_config(demo_assets, tmp_path / "run"))
     run_dir = tmp_path / "run"
-    redone = {}
-    before = {}
-    for kill_point in KILL_SEQUENCE:
-        render_until_hang(config, kill_point)
-        after = committed_units(run_dir)
-        redone[kill_point] = recomputed(before, after)
-        before = after
-    result = run_cli("render", config, "--no-progress")
-    assert result.returncode == 0, result.stderr
-    redone["final resume"] = recomputed(before, committed_units(run_dir))
+    redone = kill_chain(config, run_dir, KILL_SEQUENCE)
 
     worst = max(len(units) for units in redone.values())
     assert worst <= 1, {point: units for point, units in redone.items() if len(units) > 1}
