@@ -83,9 +83,10 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def build_models(device, dtype, controlnet_units):
-    from diffusers import ControlNetModel, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+    from diffusers import ControlNetModel, MotionAdapter, UNet2DConditionModel
 
     from diffsynth.models.loader import use_sdpa
+    from diffsynth.models.motion import motion_unet
 
     def config(name):
         return {k: v for k, v in json.loads((CONFIGS / f"{name}.json").read_text()).items() if not k.startswith("_")}
@@ -103,7 +104,7 @@ def build_models(device, dtype, controlnet_units):
         unet2d = UNet2DConditionModel(**config("sd15_unet"))
         adapter = MotionAdapter(**config("animatediff_motion_adapter"))
         controlnets = [ControlNetModel(**config("sd15_controlnet")) for _ in range(controlnet_units)]
-        unet = UNetMotionModel.from_unet2d(unet2d, adapter, load_weights=False)
+        unet = motion_unet(unet2d, adapter, load_weights=False)
     counts = {"unet2d": sum(p.numel() for p in unet2d.parameters()), "motion": sum(p.numel() for p in adapter.parameters()),
               "controlnet": sum(p.numel() for p in controlnets[0].parameters()) if controlnets else None}
     unet = randomised(unet).to(dtype).eval()

@@ -46,6 +46,10 @@ class ModelsConfig(Schema):
         "kohya", description="kohya: scale each LoRA by its file's alpha/rank and apply its text-encoder layers "
                              "(A1111, ComfyUI); diffutoon: as the original, W += lora_alpha × up·down with the "
                              "file's alpha ignored, UNet layers only (to reproduce an old Diffutoon render)")
+    motion_norm: Literal["frame", "window"] = Field(
+        "frame", description="how the motion modules' GroupNorm normalises: frame = each frame on its own, as "
+                             "AnimateDiff and the original Diffutoon (the weights were trained so); window = over "
+                             "the whole sliding window, as diffusers' AnimateDiff pipelines")
     device: str = Field("auto", description='"auto" (cuda when available), "cpu", "cuda", "cuda:1", …')
     torch_dtype: Literal["auto", "float16", "float32", "bfloat16"] = Field(
         "auto", description="weights' dtype; auto = float16 on GPU, float32 on CPU (the VAE is always float32)")

@@ -4,10 +4,10 @@ the CPU in float32."""
 
 import pytest
 import torch
-from diffusers import UNetMotionModel
 
 from diffsynth.models import split_inference
 from diffsynth.models.loader import use_sdpa
+from diffsynth.models.motion import motion_unet
 from diffsynth.models.split_inference import FrameSplit, chunked, motion_unet_eps, samples_per_spatial_call
 from diffsynth.models.tiny import make_controlnet, make_motion_adapter, make_unet
 
@@ -18,7 +18,7 @@ FRAMES, HEIGHT, WIDTH = 5, 8, 16  # latent size
 def tiny_models():
     torch.manual_seed(0)
     unet2d = make_unet()
-    unet = UNetMotionModel.from_unet2d(unet2d, make_motion_adapter()).eval()
+    unet = motion_unet(unet2d, make_motion_adapter()).eval()
     controlnet = make_controlnet(unet2d, 10).eval()
     use_sdpa(unet)
     use_sdpa(controlnet)

@@ -278,6 +278,8 @@ class ModelStore:
                 parts["tokenizer"] = file_identity(self.tokenizer_folder)
         if "unet" in components:
             parts["motion"] = file_identity(self.files.motion) if self.files.motion else None
+            if self.files.motion:
+                parts["motion_norm"] = getattr(self.config, "motion_norm", "frame")
             parts["controlnets"] = [file_identity(path) for path in self.files.controlnets]
         if "vae" in components and self.files.vae is not None:
             parts["vae"] = file_identity(self.files.vae)
@@ -393,8 +395,6 @@ class ModelStore:
 
     @cached_property
     def unet(self):
-        from diffusers import UNetMotionModel
-
         from .extras import merge_lora, read_lora, unet_ldm_module_names
         unet = self._load_unet2d()
         ldm_names = unet_ldm_module_names(unet) if self.files.loras else None
@@ -402,7 +402,8 @@ class ModelStore:
             merge_lora(unet, read_lora(path), "unet", alpha, path, ldm_names,
                        file_alpha=getattr(self.config, "lora_convention", "kohya") == "kohya")
         if self.files.motion is not None:
-            unet = UNetMotionModel.from_unet2d(unet, self._load_motion_adapter())
+            from .motion import motion_unet
+            unet = motion_unet(unet, self._load_motion_adapter(), getattr(self.config, "motion_norm", "frame"))
         use_sdpa(unet)
         return self.offloader.register("unet", unet.to(dtype=self.dtype).eval())
 

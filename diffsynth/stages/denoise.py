@@ -60,7 +60,7 @@ def resolved_batch_sizes(ctx):
 
 
 class DenoiseWindowsStage(Stage):
-    version = "1"
+    version = "2"  # 2: the motion modules normalise per frame (models.motion_norm)
     ephemeral = True
 
     def __init__(self, ctx, step_index, latents, prompts, control_sources, num_frames):
