@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 from diffsynth.cache import RunCache  # noqa: E402
 from diffsynth.config import parse_config  # noqa: E402
 from diffsynth.demo import ensure_demo_assets, write_synthetic_clip  # noqa: E402
-from diffsynth.models.loader import ModelStore, quiet_libraries  # noqa: E402
+from diffsynth.models.libraries import quiet_libraries  # noqa: E402
+from diffsynth.models.loader import ModelStore  # noqa: E402
 from diffsynth.pipeline import RenderContext, build_stages  # noqa: E402
 from diffsynth.runner import run_stages  # noqa: E402
 

@@ -100,7 +100,7 @@ def cmd_smooth(args):
 
 
 def cmd_render(args):
-    from .pipeline import render
+    from .render import render
 
     if getattr(args, "workers", None) is not None:
         args.overrides.append(f"executor.workers={args.workers}")

@@ -117,7 +117,7 @@ class SDVideoPipelineRunner:
         self.in_streamlit = in_streamlit  # the original showed progress in its web UI; here tqdm bars always
 
     def run(self, config):
-        from .pipeline import render  # heavy (torch, diffusers): only when a render really starts
+        from .render import render  # heavy (torch, diffusers): only when a render really starts
         render_config = load_original_config(config)
         return render(render_config, progress=True)
 

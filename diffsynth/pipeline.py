@@ -1,31 +1,21 @@
-"""The render: the ten stages wired from a config, run by the generic runner in one run folder."""
+"""The ten stages wired from a config (`build_stages`); diffsynth.render runs them in a run folder."""
 
-import logging
-import os
-import sqlite3
-import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
-from .cache import RunCache, atomic_write, check_run_folder, storage_error
-from .config import RenderConfig, config_json
-from .errors import Interrupted, UserError
-from .executor import executor_for
+from .cache import RunCache
+from .config import RenderConfig
+from .errors import UserError
 from .models.loader import ModelStore
-from .runner import StopFlag, run_stages
 from .stages.annotate import AnnotateStage
 from .stages.crop import CropStage
 from .stages.denoise import DenoiseStepStage, DenoiseWindowsStage, denoising_schedule
-from .stages.encode import VIDEO_KEY, EncodeStage
+from .stages.encode import EncodeStage
 from .stages.latents import InitialLatentsStage
 from .stages.prompts import PromptStage
 from .stages.smooth import EnhanceStage, InLoopX0Stage, SmoothStage
 from .stages.vae_decode import VaeDecodeStage
 from .video import probe
-
-log = logging.getLogger("diffsynth")
 
 
 @dataclass
@@ -134,79 +124,3 @@ def smoother_chain(ctx, name, guide, frames, stages, ephemeral=False):
             frames = EnhanceStage(ctx, stage_name, frames, kind, settings.rate, ephemeral=ephemeral)
         stages.append(frames)
     return frames
-
-
-def render(config, progress=True, verify=False, force=False):
-    """Run or resume the render of `config` in its output folder; returns the path of video.mp4. `verify`: check
-    every cached unit's checksum before starting (see run_stages). Refuses (UserError) when the disk cannot hold
-    the predicted peak minus what the run folder already stores, unless `force` (diffsynth.plan).
-
-    The inputs (videos, model files) are checked before the run folder is created or touched, so a bad input
-    leaves no folder behind and changes nothing in an existing one."""
-    run_dir = Path(config.data.output_folder)
-    check_run_folder(run_dir)
-    with StopFlag() as stop:  # from here on, SIGINT/SIGTERM mean "stop cleanly" (exit code 3)
-        ctx = RenderContext(config, None, ModelStore(config.models))
-        stages = build_stages(ctx)
-        if not force:
-            from .plan import check_free_space
-            check_free_space(config, stages)  # before the run folder is touched: a refusal changes nothing
-        cache = ctx.cache = RunCache(run_dir)
-        try:
-            cache.lock()
-            handler = log_to(run_dir / "render.log")
-            try:
-                atomic_write(run_dir / "config.json", config_json(config).encode())
-                log.info("render of %s: %d stages", run_dir, len(stages))
-                cache.set_value("outcome", {"state": "running", "pid": os.getpid()})
-                with executor_for(config.executor, ctx.device, stages) or nullcontext() as executor:
-                    report = run_stages(stages, cache, progress=progress, stop=stop, verify=verify,
-                                        executor=executor)
-                cache.set_value("outcome", {"state": "complete"})
-                log.info("render complete: %s", run_dir / VIDEO_KEY)
-                print(report.summary, file=sys.stderr, flush=True)
-            except Interrupted as interruption:
-                record_outcome(cache, {"state": "interrupted", "message": str(interruption)})
-                log.warning("interrupted: %s", interruption)
-                raise
-            except Exception as error:  # noqa: BLE001 - record why, then let the CLI report it
-                error = storage_error(error, run_dir) or error
-                record_outcome(cache, {"state": "failed", "message": str(error).splitlines()[0] if str(error)
-                                       else type(error).__name__})
-                if isinstance(error, UserError):
-                    log.error("render stopped: %s", error)
-                    raise error from None
-                log.exception("render failed")
-                raise
-            finally:
-                logging.getLogger("diffsynth").removeHandler(handler)
-                handler.close()
-        finally:
-            cache.close()
-    return run_dir / VIDEO_KEY
-
-
-def record_outcome(cache, outcome):
-    """Best effort: on a full or read-only disk even this row cannot be committed, and the error being reported
-    matters more (status reads a render that recorded nothing after "running" as interrupted)."""
-    try:
-        cache.set_value("outcome", outcome)
-    except (sqlite3.Error, OSError) as error:
-        log.warning("could not record the render's outcome: %s", error)
-
-
-class QuietFileHandler(logging.FileHandler):
-    """The render's log file. A line that cannot be written (a full disk) is dropped: the error that matters is
-    reported on its own, as one line, not buried under logging's tracebacks."""
-
-    def handleError(self, record):
-        pass
-
-
-def log_to(path):
-    handler = QuietFileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger = logging.getLogger("diffsynth")
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    return handler

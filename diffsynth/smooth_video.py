@@ -14,7 +14,7 @@ from .cache import RunCache, write_atomically
 from .config import FastBlendSettings, FramesConfig
 from .errors import UserError
 from .models.loader import resolve_device
-from .pipeline import log_to
+from .render import log_to
 from .runner import run_stages
 from .stages.crop import CropStage
 from .stages.decode import DecodeStage

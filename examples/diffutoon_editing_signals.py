@@ -11,7 +11,7 @@ unchanged (docs/coming_from_diffutoon.md).
 from pathlib import Path
 
 from diffsynth.config import load_config
-from diffsynth.pipeline import render
+from diffsynth.render import render
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

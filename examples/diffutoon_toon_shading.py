@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from diffsynth.config import parse_config, resolve_paths
-from diffsynth.pipeline import render
+from diffsynth.render import render
 
 HERE = Path(__file__).resolve().parent
 

@@ -182,7 +182,7 @@ def render_measuring_disk(config_data):
     manifest). Returns (peak bytes, final bytes)."""
     from diffsynth import cache as cache_module
     from diffsynth.config import parse_config
-    from diffsynth.pipeline import render
+    from diffsynth.render import render
 
     config = parse_config(config_data)
     run_dir = Path(config.data.output_folder)

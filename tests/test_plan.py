@@ -71,7 +71,7 @@ def test_plan_without_the_model_files_still_plans_the_disk(demo_assets, tmp_path
 
 def test_render_refuses_a_disk_too_small_for_its_peak(demo_assets, tmp_path, monkeypatch):
     import diffsynth.plan
-    from diffsynth.pipeline import render
+    from diffsynth.render import render
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(diffsynth.plan.shutil, "disk_usage", lambda path: usage._replace(free=500))

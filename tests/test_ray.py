@@ -52,7 +52,7 @@ def test_workers_give_the_bytes_of_one(small_render, demo_assets, tmp_path, work
 
 
 def test_one_worker_does_not_import_ray():
-    code = "import sys, diffsynth.pipeline, diffsynth.executor; print('ray' in sys.modules)"
+    code = "import sys, diffsynth.render, diffsynth.executor; print('ray' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.stdout.strip() == "False", result.stderr
 

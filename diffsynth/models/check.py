@@ -7,7 +7,8 @@ from ..errors import UserError
 from . import convert
 from .annotators import ANNOTATOR_FILES, annotator_file
 from .checkpoint import read_shapes
-from .loader import BASE, CONTROLNET, LORA, MOTION, TEXTUAL_INVERSION, VAE, WHERE_TO_FIND, detect_kind, quiet_libraries
+from .libraries import quiet_libraries
+from .loader import BASE, CONTROLNET, LORA, MOTION, TEXTUAL_INVERSION, VAE, WHERE_TO_FIND, detect_kind
 
 
 def _shapes(path, parts):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .clip_vocab import byte_alphabet
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 CLIP_BPE = CONFIG_DIR / "clip_tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
@@ -179,10 +180,9 @@ def clip_tokenizer():
     """SD1.5's CLIP tokenizer (openai/clip-vit-large-patch14) rebuilt from the BPE merges shipped in the package."""
     from transformers import CLIPTokenizer
 
-    from .tiny import _bytes_to_unicode
     lines = gzip.open(CLIP_BPE, "rt", encoding="utf-8").read().split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]
-    alphabet = _bytes_to_unicode()
+    alphabet = byte_alphabet()
     vocab = alphabet + [c + "</w>" for c in alphabet] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     with tempfile.TemporaryDirectory(prefix="diffsynth-clip-") as folder:

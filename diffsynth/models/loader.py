@@ -17,6 +17,7 @@ import torch
 
 from ..errors import UserError
 from .checkpoint import is_weight_file, read_shapes, read_state_dict
+from .libraries import quiet_libraries
 
 BASE, MOTION, CONTROLNET = "stable diffusion base model", "AnimateDiff motion module", "ControlNet"
 TEXTUAL_INVERSION, LORA, VAE = "textual inversion", "LoRA", "VAE"
@@ -476,15 +477,3 @@ def use_sdpa(model):
         model.set_attn_processor(AttnProcessor2_0())
     except (ImportError, ValueError, AttributeError):
         pass
-
-
-def quiet_libraries():
-    """Offline by construction, and no per-file progress bars interleaved with ours."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import diffusers
-    import transformers
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()

@@ -11,6 +11,9 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, MotionAdapter, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .clip_vocab import byte_alphabet
+from .libraries import quiet_libraries
+
 TINY_SEED = 20240131
 TEXT_WIDTH = 32
 BLOCK_CHANNELS = (32, 64)
@@ -106,25 +109,11 @@ def make_text_encoder(vocab_size):
     return CLIPTextModel(config)
 
 
-def _bytes_to_unicode():
-    """CLIP's byte-level alphabet: every byte maps to a printable character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in chars]
-
-
 def write_tokenizer(folder):
     """A CLIP tokenizer with a character-level vocabulary (no merges): every byte and byte+"</w>"."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    alphabet = _bytes_to_unicode()
+    alphabet = byte_alphabet()
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(tokens)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n")
@@ -141,7 +130,6 @@ def make_scheduler():
 
 def write_tiny_models(folder):
     """Write the tiny model set as diffusers folders under `folder`; returns {name: path}."""
-    from .loader import quiet_libraries
     quiet_libraries()
     folder = Path(folder)
     sd = folder / "stable_diffusion"
