@@ -8,7 +8,7 @@ import torch
 
 from diffsynth.fastblend import FastBlendConfig, SmoothingPlan
 from diffsynth.fastblend import plan as plan_module
-from diffsynth.fastblend.patch_match import identity_nnf, level_error, track
+from diffsynth.fastblend.patch_match import TorchLevelSearch, identity_nnf, level_error, track
 
 GUIDE_WEIGHT = 10.0
 PATCH = 3
@@ -90,12 +90,12 @@ def test_tracking_hands_a_good_match_along_the_batch():
     right = identity_nnf(1, 8, 8, "cpu")
     right[..., 1] = (right[..., 1] - 1).clamp(0, 7)
     nnf = torch.cat([right, identity_nnf(2, 8, 8, "cpu")])
-    error_of = level_error("remap", source, target.expand(3, -1, -1, -1), source, nnf, PATCH, GUIDE_WEIGHT)
-    error = error_of(nnf)
-    tracked, tracked_error = track(nnf, error, error_of, window=2, pairwise=False)
+    search = TorchLevelSearch("remap", source, target.expand(3, -1, -1, -1), source, nnf, PATCH, GUIDE_WEIGHT)
+    error = search.error(nnf)
+    tracked, tracked_error = track(search, nnf, error, window=2)
     assert torch.equal(tracked[1], right[0]) and torch.equal(tracked[2], right[0])
     assert (tracked_error <= error).all() and tracked_error[1:].sum() < error[1:].sum()
-    untracked, _ = track(nnf, error, error_of, window=0, pairwise=False)
+    untracked, _ = track(search, nnf, error, window=0)
     assert torch.equal(untracked, nnf)
 
 

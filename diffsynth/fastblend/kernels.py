@@ -1,21 +1,52 @@
-"""The two inner-loop kernels of patch matching, in pure torch.
+"""The inner-loop kernels of patch matching, in pure torch, and the choice of back end.
 
 This module is the seam for accelerated back ends: ``remap``, ``patch_error`` and ``pairwise_patch_error`` are the
-only functions that touch every pixel times every patch offset. A CUDA (e.g. cupy) implementation can replace them as long as it
-keeps these signatures and semantics.
+only functions that touch every pixel times every patch offset. :func:`backend` picks, per device, the module that
+provides them: this one (the CPU path, and the reference), or :mod:`diffsynth.fastblend.triton_kernels` on CUDA,
+which has the same three functions plus ``FusedLevelSearch``, one level's search steps as single fused launches.
 
 Layout conventions (shared with :mod:`diffsynth.fastblend.patch_match`):
 
 * images are channel-last float tensors ``(B, H, W, C)``;
-* a nearest-neighbour field (NNF) is an int64 tensor ``(B, H, W, 2)`` holding, for every target pixel, the
+* a nearest-neighbour field (NNF) is an int32 tensor ``(B, H, W, 2)`` holding, for every target pixel, the
   ``(y, x)`` coordinate of its match in the source image, always inside ``[0, H) x [0, W)``;
 * coordinates that fall outside the image while reading a patch are clamped to the border (edge padding).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 import torch.nn.functional as F
+
+# Testing/benchmarking override of the back end: "torch" or "triton" (on the CPU only with TRITON_INTERPRET=1).
+# Unset: Triton on CUDA, torch on the CPU. The choice is part of the smoothing stages' fingerprint (backend_name).
+BACKEND_ENV = "DIFFSYNTH_FASTBLEND_KERNELS"
+BACKENDS = ("torch", "triton")
+
+
+def backend_name(device: torch.device | str) -> str:
+    """The back end FastBlend uses on ``device``: "triton" on CUDA (or when forced), else "torch"."""
+    forced = os.environ.get(BACKEND_ENV, "")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={forced!r}: use one of {BACKENDS}, or unset it")
+        return forced
+    return "triton" if torch.device(device).type == "cuda" else "torch"
+
+
+def backend(device: torch.device | str):
+    """The module whose remap / patch_error / pairwise_patch_error (and FusedLevelSearch, if any) run on
+    ``device``."""
+    if backend_name(device) == "torch":
+        return sys.modules[__name__]
+    if torch.device(device).type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{BACKEND_ENV}=triton on the CPU needs TRITON_INTERPRET=1 (set before triton is imported)")
+    from . import triton_kernels  # imported on first use: triton reads TRITON_INTERPRET at import
+
+    return triton_kernels
 
 
 def pad_edge(image: torch.Tensor, radius: int) -> torch.Tensor:
@@ -35,7 +66,7 @@ def _flat_index(nnf: torch.Tensor, radius: int, padded_hw: tuple[int, int]) -> t
     """Row index, in the flattened padded image, of the pixel each NNF entry points at. Shape (B, H, W)."""
     batch = nnf.shape[0]
     hp, wp = padded_hw
-    batch_offset = torch.arange(batch, device=nnf.device).view(batch, 1, 1) * (hp * wp)
+    batch_offset = torch.arange(batch, dtype=nnf.dtype, device=nnf.device).view(batch, 1, 1) * (hp * wp)
     return batch_offset + (nnf[..., 0] + radius) * wp + (nnf[..., 1] + radius)
 
 

@@ -1,7 +1,7 @@
 """Pyramid patch matching (PatchMatch with guide + style features) in pure torch.
 
 All functions are batched: index 0 of every tensor is the pair index, images are channel-last (B, H, W, C)
-float tensors with values 0..255 and NNFs are int64 (B, H, W, 2) tensors of absolute (y, x) source coordinates.
+float tensors with values 0..255 and NNFs are int32 (B, H, W, 2) tensors of absolute (y, x) source coordinates.
 Source and target images of one call share the same size.
 
 Randomness (direction order of propagation, random-search offsets, random initialisation) comes only from the
@@ -10,6 +10,7 @@ generators passed in, so results are reproducible bit for bit on a given device.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -60,7 +61,8 @@ class Randomness:
         return [DIRECTIONS[i] for i in torch.randperm(len(DIRECTIONS), generator=self.host).tolist()]
 
     def randint(self, low: int, high: int, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.randint(low, high, shape, generator=self.device, device=self.device_type)
+        # int32 like the NNFs (the same numbers as an int64 draw from the same state).
+        return torch.randint(low, high, shape, generator=self.device, device=self.device_type, dtype=torch.int32)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -85,8 +87,8 @@ def clamp_nnf(nnf: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def identity_nnf(batch: int, height: int, width: int, device: torch.device | str) -> torch.Tensor:
-    ys = torch.arange(height, device=device).view(1, height, 1).expand(batch, height, width)
-    xs = torch.arange(width, device=device).view(1, 1, width).expand(batch, height, width)
+    ys = torch.arange(height, dtype=torch.int32, device=device).view(1, height, 1).expand(batch, height, width)
+    xs = torch.arange(width, dtype=torch.int32, device=device).view(1, 1, width).expand(batch, height, width)
     return torch.stack((ys, xs), dim=-1).contiguous()
 
 
@@ -104,7 +106,7 @@ def upsample_nnf(nnf: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     ys = torch.arange(height, device=nnf.device)
     xs = torch.arange(width, device=nnf.device)
     parent = nnf[:, (ys // 2).clamp(max=h_old - 1)][:, :, (xs // 2).clamp(max=w_old - 1)]
-    odd = torch.stack(torch.meshgrid(ys % 2, xs % 2, indexing="ij"), dim=-1)
+    odd = torch.stack(torch.meshgrid(ys % 2, xs % 2, indexing="ij"), dim=-1).to(nnf.dtype)
     return clamp_nnf(parent * 2 + odd, height, width)
 
 
@@ -119,7 +121,7 @@ def features(guide: torch.Tensor, style: torch.Tensor, guide_weight: float) -> t
     return torch.cat((guide * math.sqrt(guide_weight), style), dim=-1)
 
 
-def level_error(style_error, source_guide, target_guide, source_style, nnf, patch_size, guide_weight):
+def level_error(style_error, source_guide, target_guide, source_style, nnf, patch_size, guide_weight, ops=kernels):
     """The patch error of an NNF, as a function of the NNF, for one iteration at one level:
     guide_weight · SSD(target guide patch, source guide patch at nnf) + a style term that depends on the mode:
     - "remap" (balanced, fast): against the target style estimated at the iteration's start, the remap of the
@@ -127,27 +129,25 @@ def level_error(style_error, source_guide, target_guide, source_style, nnf, patc
     - "mean" (accurate; the original's use_mean_target_style): against the mean over the batch of the source
       styles remapped with the candidate NNF itself, recomputed for every candidate;
     - "pairwise" (interpolation; the original's use_pairwise_patch_error): between the two sources of each pair
-      (batch entries 2k and 2k+1), each read at its own NNF — no target style at all."""
+      (batch entries 2k and 2k+1), each read at its own NNF — no target style at all.
+    ``ops``: the module whose remap / patch_error / pairwise_patch_error do the work (kernels.backend)."""
     if style_error == "remap":
         source = features(source_guide, source_style, guide_weight)
-        target = features(target_guide, kernels.remap(source_style, nnf, patch_size), guide_weight)
-        return lambda candidate: kernels.patch_error(target, source, candidate, patch_size)
+        target = features(target_guide, ops.remap(source_style, nnf, patch_size), guide_weight)
+        return lambda candidate: ops.patch_error(target, source, candidate, patch_size)
     if style_error == "mean":
         source = features(source_guide, source_style, guide_weight)
 
         def error_with_mean_target(candidate):
-            mean = kernels.remap(source_style, candidate, patch_size).mean(dim=0, keepdim=True)
+            mean = ops.remap(source_style, candidate, patch_size).mean(dim=0, keepdim=True)
             target = features(target_guide, mean.expand_as(source_style), guide_weight)
-            return kernels.patch_error(target, source, candidate, patch_size)
+            return ops.patch_error(target, source, candidate, patch_size)
         return error_with_mean_target
     if style_error == "pairwise":
-        if source_style.shape[0] % 2:
-            raise ValueError("pairwise patch error needs pairs of sources (an even batch)")
-
         def error_between_pair(candidate):
-            guide = kernels.patch_error(target_guide, source_guide, candidate, patch_size) * guide_weight
-            style = kernels.pairwise_patch_error(source_style[0::2], candidate[0::2], source_style[1::2],
-                                                 candidate[1::2], patch_size)
+            guide = ops.patch_error(target_guide, source_guide, candidate, patch_size) * guide_weight
+            style = ops.pairwise_patch_error(source_style[0::2], candidate[0::2], source_style[1::2],
+                                             candidate[1::2], patch_size)
             return guide + style.repeat_interleave(2, dim=0)
         return error_between_pair
     raise ValueError(f"unknown style error {style_error!r} (one of {STYLE_ERRORS})")
@@ -161,29 +161,6 @@ def keep_better(nnf, error, candidate, error_of):
     return nnf, torch.where(better, candidate_error, error)
 
 
-def propagate(nnf, error, error_of, rng: Randomness):
-    """For each of the 4 directions in random order, try the neighbour's match shifted back by one pixel."""
-    height, width = nnf.shape[1:3]
-    for dy, dx in rng.direction_order():
-        ys = (torch.arange(height, device=nnf.device) + dy).clamp(0, height - 1)
-        xs = (torch.arange(width, device=nnf.device) + dx).clamp(0, width - 1)
-        neighbour = nnf[:, ys][:, :, xs]
-        shift = torch.tensor((dy, dx), device=nnf.device)
-        candidate = clamp_nnf(neighbour - shift, height, width)
-        nnf, error = keep_better(nnf, error, candidate, error_of)
-    return nnf, error
-
-
-def random_search(nnf, error, error_of, rng: Randomness, rounds: int, radius: int):
-    """``rounds`` times: try a uniform random integer offset in [-radius, radius]^2 around the current match."""
-    height, width = nnf.shape[1:3]
-    for _ in range(rounds):
-        offset = rng.randint(-radius, radius + 1, tuple(nnf.shape))
-        candidate = clamp_nnf(nnf + offset, height, width)
-        nnf, error = keep_better(nnf, error, candidate, error_of)
-    return nnf, error
-
-
 def shift_batch(nnf: torch.Tensor, d: int) -> torch.Tensor:
     """Entry b gets the NNF of entry b + d (the batch's ends repeated where b + d falls outside)."""
     batch = nnf.shape[0]
@@ -191,30 +168,75 @@ def shift_batch(nnf: torch.Tensor, d: int) -> torch.Tensor:
     return nnf[index]
 
 
-def track(nnf, error, error_of, window: int, pairwise: bool):
+class TorchLevelSearch:
+    """The search steps of one iteration at one level, each a materialised candidate NNF whose error is compared
+    (the reference; kernels.backend's FusedLevelSearch has the same methods as single fused launches)."""
+
+    def __init__(self, style_error, source_guide, target_guide, source_style, nnf, patch_size, guide_weight,
+                 ops=kernels):
+        self.error = level_error(style_error, source_guide, target_guide, source_style, nnf, patch_size,
+                                 guide_weight, ops)
+        self.pairwise = style_error == "pairwise"
+
+    def propagate(self, nnf, error, dy, dx):
+        """Try the match of the neighbour (dy, dx) away, shifted back by (dy, dx)."""
+        height, width = nnf.shape[1:3]
+        ys = (torch.arange(height, device=nnf.device) + dy).clamp(0, height - 1)
+        xs = (torch.arange(width, device=nnf.device) + dx).clamp(0, width - 1)
+        neighbour = nnf[:, ys][:, :, xs]
+        shift = torch.tensor((dy, dx), dtype=nnf.dtype, device=nnf.device)
+        return keep_better(nnf, error, clamp_nnf(neighbour - shift, height, width), self.error)
+
+    def random_search(self, nnf, error, offsets):
+        """Try the current match plus each drawn offset in turn."""
+        height, width = nnf.shape[1:3]
+        for offset in offsets:
+            nnf, error = keep_better(nnf, error, clamp_nnf(nnf + offset, height, width), self.error)
+        return nnf, error
+
+    def track(self, nnf, error, step):
+        """Try the match of the batch entry ``step`` places away (with pairwise sources, the pair's halves shift
+        apart: entry 2k gets entry 2(k + step)'s)."""
+        if self.pairwise:
+            candidate = torch.empty_like(nnf)
+            candidate[0::2], candidate[1::2] = shift_batch(nnf[0::2], step), shift_batch(nnf[1::2], step)
+        else:
+            candidate = shift_batch(nnf, step)
+        return keep_better(nnf, error, candidate, self.error)
+
+
+def track(search, nnf, error, window: int):
     """tracking_window_size: for d = 1..window, try the NNF of the source d places later, then d places earlier in
-    the batch (consecutive frames move alike). With pairwise sources the two halves of the pairs shift apart."""
+    the batch (consecutive frames move alike)."""
     for d in range(1, window + 1):
         for step in (d, -d):
-            if pairwise:
-                candidate = torch.empty_like(nnf)
-                candidate[0::2], candidate[1::2] = shift_batch(nnf[0::2], step), shift_batch(nnf[1::2], step)
-            else:
-                candidate = shift_batch(nnf, step)
-            nnf, error = keep_better(nnf, error, candidate, error_of)
+            nnf, error = search.track(nnf, error, step)
     return nnf, error
 
 
 def search_level(nnf, source_guide, target_guide, source_style, params: PatchMatchParams, rng, style_error="remap"):
-    """num_iter iterations of (error, propagation, random search, tracking) with shrinking patch sizes."""
+    """num_iter iterations with shrinking patch sizes, each: the error of the current NNF; propagation from the 4
+    directions in random order; random search (rounds of a uniform integer offset in [-radius, radius]^2 around
+    the current match); tracking."""
+    if style_error not in STYLE_ERRORS:
+        raise ValueError(f"unknown style error {style_error!r} (one of {STYLE_ERRORS})")
+    if style_error == "pairwise" and source_style.shape[0] % 2:
+        raise ValueError("pairwise patch error needs pairs of sources (an even batch)")
+    ops = kernels.backend(nnf.device)
+    level_search = getattr(ops, "FusedLevelSearch", None)  # the torch module has none
+    if level_search is None or style_error == "mean":  # mean: a remap of every candidate, composed of kernels
+        level_search = functools.partial(TorchLevelSearch, ops=ops)
+    radius = params.random_search_radius
     for patch_size in params.patch_sizes():
-        error_of = level_error(style_error, source_guide, target_guide, source_style, nnf, patch_size,
-                               params.guide_weight)
-        error = error_of(nnf)
-        nnf, error = propagate(nnf, error, error_of, rng)
-        nnf, error = random_search(nnf, error, error_of, rng, params.random_search_rounds,
-                                   params.random_search_radius)
-        nnf, error = track(nnf, error, error_of, params.tracking_window_size, style_error == "pairwise")
+        search = level_search(style_error, source_guide, target_guide, source_style, nnf, patch_size,
+                              params.guide_weight)
+        error = search.error(nnf)
+        for dy, dx in rng.direction_order():
+            nnf, error = search.propagate(nnf, error, dy, dx)
+        # Drawn before the rounds run (they do not depend on the results): the same numbers in the same order.
+        offsets = [rng.randint(-radius, radius + 1, tuple(nnf.shape)) for _ in range(params.random_search_rounds)]
+        nnf, error = search.random_search(nnf, error, offsets)
+        nnf, error = track(search, nnf, error, params.tracking_window_size)
     return nnf
 
 
@@ -271,4 +293,4 @@ def warp(
     """Warp each source style image onto its target: estimate the NNF, then patch-vote with the smallest patch.
     Returns (B, H, W, 3) float32."""
     nnf = estimate_nnf(source_guide, target_guide, source_style, style_error, params, seed)
-    return kernels.remap(source_style.float(), nnf, params.patch_sizes()[-1])
+    return kernels.backend(nnf.device).remap(source_style.float(), nnf, params.patch_sizes()[-1])

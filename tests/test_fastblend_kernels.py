@@ -1,0 +1,90 @@
+"""The fused Triton kernels against the torch path, and their determinism across processes.
+
+On the CPU the kernels run in Triton's interpreter, which has to be switched on before triton is imported: the
+checks run in a process of their own (tests/fastblend_kernel_checks.py), never in this one. On a machine with CUDA
+the same checks also run compiled on the GPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffsynth.fastblend import kernels
+
+CHECKS_SCRIPT = Path(__file__).with_name("fastblend_kernel_checks.py")
+CHECKS = ["check_remap", "check_patch_errors", "check_search_remap_error", "check_search_pairwise_error",
+          "check_search_mean_error"]
+NO_CUDA = "no CUDA device here: the compiled kernels' checks and GPU determinism need one (bench/fastblend_gpu.py)"
+
+
+def run_checks(device):
+    """The checks in one new process and the unit's hash alone in another, both started at once (the imports of
+    torch and triton are most of each one's time). Returns both reports."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(kernels.BACKEND_ENV, None)
+    command = [sys.executable, str(CHECKS_SCRIPT), "--device", device]
+    processes = [subprocess.Popen(command + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=env) for extra in ([], ["--unit-only"])]
+    reports = []
+    for process in processes:
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    return reports
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    return run_checks("cpu")
+
+
+@pytest.fixture(scope="module")
+def on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip(NO_CUDA)
+    return run_checks("cuda")
+
+
+def test_the_checks_ran_in_the_interpreter(interpreted):
+    assert all(report["interpreted"] is True for report in interpreted)
+    assert sorted(interpreted[0]["checks"]) == sorted(CHECKS)
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_fused_kernel_equals_torch_path_on_exact_inputs(interpreted, check):
+    assert interpreted[0]["checks"][check] == "ok"
+
+
+def test_a_unit_recomputed_in_a_new_process_gives_the_same_bytes(interpreted):
+    first, again = interpreted
+    assert again["unit_sha256"] == first["unit_sha256"]
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_compiled_kernel_equals_torch_path_on_cuda(on_cuda, check):
+    assert on_cuda[0]["checks"][check] == "ok"
+
+
+def test_cuda_units_recomputed_in_a_new_process_give_the_same_bytes(on_cuda):
+    first, again = on_cuda
+    assert again["unit_sha256"] == first["unit_sha256"]
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
+    assert kernels.backend_name("cpu") == "torch" and kernels.backend("cpu") is kernels
+    assert kernels.backend_name("cuda") == "triton"
+    monkeypatch.setenv(kernels.BACKEND_ENV, "torch")
+    assert kernels.backend_name("cuda") == "torch"
+    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        kernels.backend("cpu")
+    monkeypatch.setenv(kernels.BACKEND_ENV, "cupy")
+    with pytest.raises(ValueError, match="one of"):
+        kernels.backend_name("cpu")
