@@ -7,6 +7,7 @@ squares is an exact float32, style values multiples of every patch-voting count 
 there the two must agree bit for bit, NNFs and errors alike, whatever order they add in.
 
     python tests/fastblend_kernel_checks.py --device cpu|cuda [--unit-only]
+    python tests/fastblend_kernel_checks.py --compile-for 90
 
 prints one JSON object: {"checks": {name: "ok" or the failure}, "unit_sha256": ..., "seconds": ...}.
 """
@@ -22,9 +23,11 @@ from pathlib import Path
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--device", default="cpu")
-parser.add_argument("--unit-only", action="store_true", help="only compute the fast-mode units' hash")
+parser.add_argument("--unit-only", action="store_true", help="only compute the smoothing units' hash")
+parser.add_argument("--compile-for", metavar="SM", type=int,
+                    help="only compile every kernel variant for CUDA compute capability SM (e.g. 90), no GPU needed")
 args = parser.parse_args()
-if args.device == "cpu":
+if args.device == "cpu" and not args.compile_for:
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 os.environ["DIFFSYNTH_FASTBLEND_KERNELS"] = "triton"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -146,11 +149,51 @@ def unit_sha256(large: bool):
     return digest.hexdigest()
 
 
+def compile_all(capability):
+    """Compile every kernel and every step kind to a cubin for `capability` (Triton's own ptxas, no GPU): what the
+    interpreter accepts but the compiler would not is caught here. Returns the kernel variants compiled."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    floats = {"guide_scale", "guide_weight"}
+    variants = [(fused._remap_kernel, dict(C=3, CP=4)), (fused._patch_error_kernel, dict(A_AT_NNF=True, C=6, CP=8)),
+                (fused._patch_error_kernel, dict(A_AT_NNF=False, C=3, CP=4))]
+    for kind in (fused.EVALUATE, fused.NEIGHBOUR, fused.RANDOM, fused.BATCH):
+        variants += [(fused._search_kernel, dict(KIND=kind, C=3, CP=4)),
+                     (fused._pair_search_kernel, dict(KIND=kind, C=3, CP=4))]
+    compiled = []
+    for kernel, constants in variants:
+        constants = {**constants, "R": 1, "BLOCK": 128}
+        signature = {}
+        for name in inspect.signature(kernel.fn).parameters:
+            if name in constants:
+                signature[name] = "constexpr"
+            elif name in ("nnf", "nnf_a", "nnf_b", "nnf_in", "nnf_out", "offsets"):
+                signature[name] = "*i32"
+            elif name in floats:
+                signature[name] = "fp32"
+            elif name in ("H", "W", "B", "N", "PAIRS", "dy", "dx", "step", "rounds"):
+                signature[name] = "i32"
+            else:
+                signature[name] = "*fp32"
+        binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                target=GPUTarget("cuda", capability, 32))
+        assert binary.asm.get("cubin"), f"{kernel.fn.__name__}: no cubin"
+        compiled.append(f"{kernel.fn.__name__}{constants}")
+    return compiled
+
+
 CHECKS = [check_remap, check_patch_errors, check_search_remap_error, check_search_pairwise_error,
           check_search_mean_error]
 
 if __name__ == "__main__":
     started = time.perf_counter()
+    if args.compile_for:
+        print(json.dumps({"compiled": compile_all(args.compile_for), "seconds": round(time.perf_counter() - started, 2)}))
+        sys.exit(0)
     report = {"checks": {}, "interpreted": fused.INTERPRETED}
     for check in [] if args.unit_only else CHECKS:
         try:

@@ -22,14 +22,14 @@ CHECKS = ["check_remap", "check_patch_errors", "check_search_remap_error", "chec
 NO_CUDA = "no CUDA device here: the compiled kernels' checks and GPU determinism need one (bench/fastblend_gpu.py)"
 
 
-def run_checks(device):
-    """The checks in one new process and the unit's hash alone in another, both started at once (the imports of
-    torch and triton are most of each one's time). Returns both reports."""
+def run_checks(device, *more):
+    """The checks in one new process and the unit's hash alone in another (and any `more` runs), all started at
+    once (the imports of torch and triton are much of each one's time). Returns their reports."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop(kernels.BACKEND_ENV, None)
     command = [sys.executable, str(CHECKS_SCRIPT), "--device", device]
     processes = [subprocess.Popen(command + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=env) for extra in ([], ["--unit-only"])]
+                                  env=env) for extra in ([], ["--unit-only"], *more)]
     reports = []
     for process in processes:
         out, err = process.communicate(timeout=600)
@@ -40,7 +40,8 @@ def run_checks(device):
 
 @pytest.fixture(scope="module")
 def interpreted():
-    return run_checks("cpu")
+    """[checks, the unit again, every kernel compiled for sm_90 (an H100/H200) by Triton's ptxas]."""
+    return run_checks("cpu", ["--compile-for", "90"])
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def on_cuda():
 
 
 def test_the_checks_ran_in_the_interpreter(interpreted):
-    assert all(report["interpreted"] is True for report in interpreted)
+    assert all(report["interpreted"] is True for report in interpreted[:2])
     assert sorted(interpreted[0]["checks"]) == sorted(CHECKS)
 
 
@@ -61,8 +62,14 @@ def test_fused_kernel_equals_torch_path_on_exact_inputs(interpreted, check):
 
 
 def test_a_unit_recomputed_in_a_new_process_gives_the_same_bytes(interpreted):
-    first, again = interpreted
+    first, again, _ = interpreted
     assert again["unit_sha256"] == first["unit_sha256"]
+
+
+def test_every_kernel_variant_compiles_for_the_gpu(interpreted):
+    """What the interpreter runs, the compiler must accept: every kernel and step kind, to an sm_90 cubin."""
+    compiled = interpreted[2]["compiled"]
+    assert len(compiled) == 11 and sum(name.startswith("_search_kernel") for name in compiled) == 4
 
 
 @pytest.mark.parametrize("check", CHECKS)
