@@ -192,7 +192,8 @@ CHECKS = [check_remap, check_patch_errors, check_search_remap_error, check_searc
 if __name__ == "__main__":
     started = time.perf_counter()
     if args.compile_for:
-        print(json.dumps({"compiled": compile_all(args.compile_for), "seconds": round(time.perf_counter() - started, 2)}))
+        compiled = compile_all(args.compile_for)
+        print(json.dumps({"compiled": compiled, "seconds": round(time.perf_counter() - started, 2)}))
         sys.exit(0)
     report = {"checks": {}, "interpreted": fused.INTERPRETED}
     for check in [] if args.unit_only else CHECKS:

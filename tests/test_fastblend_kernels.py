@@ -95,3 +95,17 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv(kernels.BACKEND_ENV, "cupy")
     with pytest.raises(ValueError, match="one of"):
         kernels.backend_name("cpu")
+
+
+def test_gpu_benchmark_smoke_runs_ours_on_the_cpu(tmp_path):
+    """bench/fastblend_gpu.py --cpu: ours at a tiny size, every mode, the JSON the GPU run fills in."""
+    out = tmp_path / "fastblend_gpu.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "fastblend_gpu.py"
+    result = subprocess.run([sys.executable, str(script), "--cpu", "--out", str(out)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(row["size"], row["mode"]) for row in report["rows"]] == [("40x32", "fast"), ("40x32", "balanced")]
+    for row in report["rows"]:
+        assert row["ours_fps"] > 0 and row["ours"]["kernels"] == "torch"
+        assert row["original_fps"] is None and row["ratio"] is None and row["mae_vs_original"] is None

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from ..cache import image_to_bytes, tensors_to_bytes
-from ..fastblend import FastBlendConfig, SmoothingPlan
+from ..fastblend import FastBlendConfig, SmoothingPlan, kernels
 from ..fastblend import frame_key as plan_frame_key
 from ..models.loader import device_kind
 from ..schedule import x0_from_eps
@@ -37,7 +37,8 @@ def fastblend_config(settings):
 
 
 class CachedFrames:
-    """FrameAccess over two cached per-frame stages, holding at most `capacity` frames (uint8) in memory."""
+    """FrameAccess over two cached per-frame stages, holding at most `capacity` frames (uint8) on the compute device:
+    a frame crosses to a GPU once per visit to the window, not once per patch-match call that reads it."""
 
     def __init__(self, stage, guide_stage, style_stage, capacity, device):
         self.stage, self.guide_stage, self.style_stage = stage, guide_stage, style_stage
@@ -50,10 +51,11 @@ class CachedFrames:
         if key in self._frames:
             self._frames.move_to_end(key)
         else:
-            self._frames[key] = torch.from_numpy(self.stage.read_image(source, frame_key(index)).copy())
+            image = self.stage.read_image(source, frame_key(index))
+            self._frames[key] = torch.from_numpy(image.copy()).to(self.device)
             if len(self._frames) > self.capacity:
                 self._frames.popitem(last=False)
-        return self._frames[key].to(self.device, torch.float32)
+        return self._frames[key].to(torch.float32)
 
     def guide(self, index):
         return self._get(self.guide_stage, index)
@@ -68,8 +70,8 @@ class CachedTables:
     def __init__(self, stage):
         self.stage = stage
 
-    def get(self, key):
-        return self.stage.read_tensors(self.stage, table_file(key))["table"].float()
+    def get(self, key):  # float16 across to the device, widened there
+        return self.stage.read_tensors(self.stage, table_file(key))["table"].to(self.stage.device).float()
 
 
 def table_file(plan_key):
@@ -91,8 +93,12 @@ class SmoothStage(Stage):
         self._table_keys = [key for key in self._plan_keys if not key.startswith(PLAN_FRAME_PREFIX)]
 
     def params(self):
-        # The device too: patch-match's random search draws differ between the CPU and CUDA.
-        return {"fastblend": asdict(self.config), "device": device_kind(self.device)}
+        # The device too: patch-match's random search draws differ between the CPU and CUDA. And the kernels'
+        # back end where it is not the torch path (whose fingerprints predate the choice): their sums differ.
+        params = {"fastblend": asdict(self.config), "device": device_kind(self.device)}
+        if kernels.backend_name(self.device) != "torch":
+            params["kernels"] = kernels.backend_name(self.device)
+        return params
 
     @staticmethod
     def _cache_key(plan_key):
