@@ -196,13 +196,15 @@ class Offloader:
         self.models = {}  # name → (group, model)
         self.resident = set()
 
-    def register(self, name, model, hook_modules=None):
+    def register(self, name, model, hook_modules=None, dtype=None):
+        """Place `model` where it waits (the device at level 0, else the CPU), cast to `dtype` in the same pass:
+        each tensor is copied once, straight from the file's dtype on the CPU to the device's."""
         group = self.GROUPS.get(name, "denoise")
         self.models[name] = (group, model)
         if self.level == 0:
             self.resident.add(name)
-            return model.to(self.device)
-        model.to("cpu")
+            return model.to(device=self.device, dtype=dtype)
+        model.to(device="cpu", dtype=dtype)
         for module in hook_modules or [model]:
             module.register_forward_pre_hook(lambda _module, args, kwargs: self._before(name, args, kwargs),
                                              with_kwargs=True)
@@ -376,8 +378,7 @@ class ModelStore:
         if getattr(self.config, "lora_convention", "kohya") == "kohya":  # the original leaves the text encoder alone
             for path, alpha in self.files.loras:
                 merge_lora(model, read_lora(path), "te", alpha, path)
-        model = model.to(dtype=self.dtype).eval()
-        return self.offloader.register("text_encoder", model)
+        return self.offloader.register("text_encoder", model.eval(), dtype=self.dtype)
 
     def _load_unet2d(self):
         if self.base_is_file:
@@ -404,9 +405,10 @@ class ModelStore:
                        file_alpha=getattr(self.config, "lora_convention", "kohya") == "kohya")
         if self.files.motion is not None:
             from .motion import motion_unet
-            unet = motion_unet(unet, self._load_motion_adapter(), getattr(self.config, "motion_norm", "frame"))
+            unet = motion_unet(unet, self._load_motion_adapter(), getattr(self.config, "motion_norm", "frame"),
+                               path=self.files.motion)
         use_sdpa(unet)
-        return self.offloader.register("unet", unet.to(dtype=self.dtype).eval())
+        return self.offloader.register("unet", unet.eval(), dtype=self.dtype)
 
     def _load_controlnet(self, path):
         if path.is_dir():
@@ -422,7 +424,7 @@ class ModelStore:
         for index, path in enumerate(self.files.controlnets):
             model = self._load_controlnet(path)
             use_sdpa(model)
-            models.append(self.offloader.register(f"controlnet{index}", model.to(dtype=self.dtype).eval()))
+            models.append(self.offloader.register(f"controlnet{index}", model.eval(), dtype=self.dtype))
         return models
 
     @cached_property
@@ -440,8 +442,8 @@ class ModelStore:
         else:
             from diffusers import AutoencoderKL
             vae = AutoencoderKL.from_pretrained(self.files.base / "vae", local_files_only=True)
-        vae = vae.float().eval()
-        return self.offloader.register("vae", vae, hook_modules=[vae.encoder, vae.decoder])
+        return self.offloader.register("vae", vae.eval(), hook_modules=[vae.encoder, vae.decoder],
+                                       dtype=torch.float32)
 
 
 DEFAULT_VAE_TILE_SIZE = 512  # SD1.5's VAE sample size: the tile diffusers uses for it

@@ -54,8 +54,22 @@ def set_motion_norm(unet, motion_norm="frame"):
     return unet
 
 
-def motion_unet(unet2d, adapter, motion_norm="frame", **kwargs):
+def motion_unet(unet2d, adapter, motion_norm="frame", load_weights=True, path=None):
     """The one way this project builds an AnimateDiff UNet: diffusers' UNetMotionModel from an SD1.5 UNet and a
-    MotionAdapter (keyword arguments go to `from_unet2d`, e.g. load_weights=False), with `motion_norm`."""
+    MotionAdapter, with `motion_norm`. With `load_weights` it is `UNetMotionModel.from_unet2d(unet2d, adapter)`
+    without building the ~1.3 B parameters from_unet2d initialises at random (in float32) before copying the
+    weights over: the model is built on the meta device and given the UNet's and the adapter's tensors themselves
+    (no copy). As from_unet2d does, every tensor is cast to the 2-D UNet's dtype (an fp16 base makes the motion
+    weights fp16 too), so the weights are the same bits. `path` (the motion module's file) names it in errors.
+    load_weights=False: diffusers' model with its own initialisation, as from_unet2d(load_weights=False)."""
     from diffusers import UNetMotionModel
-    return set_motion_norm(UNetMotionModel.from_unet2d(unet2d, adapter, **kwargs), motion_norm)
+
+    from .convert import build
+    if not load_weights or adapter.config.get("conv_in_channels"):  # PIA's 9-channel conv_in: diffusers' own way
+        return set_motion_norm(UNetMotionModel.from_unet2d(unet2d, adapter, load_weights=load_weights), motion_norm)
+    dtype = unet2d.dtype
+    state = {key: value.to(dtype) for key, value in unet2d.state_dict().items()}
+    state.update({key: value.to(dtype) for key, value in adapter.state_dict().items() if ".motion_modules." in key})
+    model = build(lambda: UNetMotionModel.from_unet2d(unet2d, adapter, load_weights=False), state,
+                  path or "the motion module", "AnimateDiff motion module for this base model")
+    return set_motion_norm(model, motion_norm)
