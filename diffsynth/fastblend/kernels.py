@@ -85,10 +85,15 @@ def patch_error(target: torch.Tensor, source: torch.Tensor, nnf: torch.Tensor, p
     # Index of the patch's top-left corner; offset d is then a view of the rows starting d further on.
     corner = (_flat_index(nnf, radius, (hp, wp)) - (radius * wp + radius)).reshape(-1)
     error = torch.zeros_like(target)
+    # One buffer for the gathered patch pixels and one for the differences, reused for every offset: a fresh
+    # image-sized tensor per offset costs page faults on the CPU (the values are the same either way).
+    matched = torch.empty(corner.shape[0], rows.shape[1], dtype=rows.dtype, device=rows.device)
+    diff = torch.empty_like(target)
     for dy in range(-radius, radius + 1):
         for dx in range(-radius, radius + 1):
-            matched = rows[(dy + radius) * wp + dx + radius :].index_select(0, corner).view_as(target)
-            diff = target_pad[:, radius + dy : radius + dy + height, radius + dx : radius + dx + width] - matched
+            torch.index_select(rows[(dy + radius) * wp + dx + radius :], 0, corner, out=matched)
+            torch.sub(target_pad[:, radius + dy : radius + dy + height, radius + dx : radius + dx + width],
+                      matched.view_as(target), out=diff)
             error.addcmul_(diff, diff)
     return error.sum(dim=-1)
 
@@ -105,12 +110,15 @@ def pairwise_patch_error(source_a, nnf_a, source_b, nnf_b, patch_size: int) -> t
     corner_b = (_flat_index(nnf_b, radius, (hp, wp)) - (radius * wp + radius)).reshape(-1)
     shape = (*nnf_a.shape[:3], source_a.shape[-1])
     error = torch.zeros(shape, dtype=source_a.dtype, device=source_a.device)
+    matched_a, matched_b = torch.empty(shape, dtype=rows_a.dtype, device=rows_a.device), torch.empty(
+        shape, dtype=rows_b.dtype, device=rows_b.device)
     for dy in range(-radius, radius + 1):
         for dx in range(-radius, radius + 1):
             offset = (dy + radius) * wp + dx + radius
-            diff = rows_a[offset:].index_select(0, corner_a).view(shape) - rows_b[offset:].index_select(
-                0, corner_b).view(shape)
-            error.addcmul_(diff, diff)
+            torch.index_select(rows_a[offset:], 0, corner_a, out=matched_a.view(-1, shape[-1]))
+            torch.index_select(rows_b[offset:], 0, corner_b, out=matched_b.view(-1, shape[-1]))
+            matched_a.sub_(matched_b)  # the difference, in place of the gathered a
+            error.addcmul_(matched_a, matched_a)
     return error.sum(dim=-1)
 
 
@@ -132,11 +140,14 @@ def remap(source: torch.Tensor, nnf: torch.Tensor, patch_size: int) -> torch.Ten
     mask_pad = F.pad(mask.permute(0, 3, 1, 2), (radius, radius, radius, radius)).permute(0, 2, 3, 1)
     total = torch.zeros_like(source)
     count = torch.zeros(1, height, width, 1, dtype=source.dtype, device=source.device)
+    index = torch.empty(batch * height * width, dtype=base_pad.dtype, device=base_pad.device)
+    voted = torch.empty(batch * height * width, channels, dtype=source.dtype, device=source.device)
     for dy in range(-radius, radius + 1):
         for dx in range(-radius, radius + 1):
             window = (slice(None), slice(radius + dy, radius + dy + height), slice(radius + dx, radius + dx + width))
-            index = (base_pad[window] - (dy * wp + dx)).reshape(-1)
+            torch.sub(base_pad[window], dy * wp + dx, out=index.view(batch, height, width))
             valid = mask_pad[window]
-            total.addcmul_(rows.index_select(0, index).view(batch, height, width, channels), valid)
+            torch.index_select(rows, 0, index, out=voted)
+            total.addcmul_(voted.view(batch, height, width, channels), valid)
             count += valid
     return total / count
