@@ -1,15 +1,28 @@
-"""Many workers: wall time of the CPU-bound stages (VAE decode and final FastBlend) on 1 and on N workers.
+"""Many workers: does the Ray executor scale? Two measurements.
 
-A 64-frame 256×256 render (tiny models, one denoising step, final smoothing) is made once; then, for each worker
-count, a copy of its run folder forgets the VAE decode, final smoothing and encode stages and renders again, so
-only those are computed. Every process runs torch on one thread (OMP_NUM_THREADS=1): the thread count is part of
-a CPU result's fingerprint, and one thread per worker is what spreads work over the cores.
+`simulated` — the executor, the coordinator and the data path at real sizes, without the model. A simulated
+denoising run at 1280×768 (latents (4, 96, 160) float32, two conditioning maps per frame of a natural frame's cached
+size, each window's ε (16, 4, 96, 160)), with the UNet + ControlNet call replaced by a fixed-duration sleep per
+window (`--window-s`, 0.5 s), runs on N = 1, 2, 4, 8 Ray workers on this machine. The stages are the real
+executor's units: conditioning frames made on the coordinator (as the crop stage is), a second map per frame made
+on a worker (as annotation is), initial latents per frame, then per step one unit per sliding window (reads its
+frames' latents and maps, writes ε) and one per frame (tent-weighted mean of its windows' ε with the pipeline's own
+`combine_window_eps`, then the DDIM step). ControlNet reuse is modelled as the real `ControlNetResiduals` does it
+with group = stride: a window evaluates the frames the previous window it computed on the same worker did not.
+The run folder is on /dev/shm by default (`--folder`): its fsyncs cost nothing there, so the figure is the executor's,
+not this shared VM disk's (the coordinator's measured commit time is printed too).
 
-The time of a run is from its log's "vae_decode: … units to do" line (the workers already started, the models not
-yet loaded) to the last final-smoothing unit's commit in the manifest. The outputs of every worker count must be
-byte-identical. Prints the speed-up against --target (1.6 on two cores) and exits 1 below it.
+Prints per N: the denoising span (first window dispatched → last step unit committed), the speed-up against one
+Ray worker, the coordinator's CPU share (its process CPU time over the span's wall time), the bytes sent to and from
+the workers per step against the minimum (each latent in once and out once per step and each window's ε out once;
+the maps once per render), ControlNet evaluations per frame per step, and the coordinator's milliseconds per unit.
+Exits 1 if 8 workers are below --target (7×) or the bytes per step above 1.5× the minimum.
 
-    python bench/scale.py [--workers 2] [--frames 64] [--size 256]
+`real` — the tiny demo models on the CPU: the denoising stages of a render (2 ControlNets, 2 steps) on 1 and on 2
+Ray workers (their other stages reused from a base run), each process on one torch thread; outputs byte-identical.
+
+    python bench/scale.py simulated [--workers 1 2 4 8] [--frames 264] [--steps 3] [--window-s 0.5]
+    python bench/scale.py real [--frames 40] [--size 128]
 """
 
 import argparse
@@ -23,70 +36,280 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from diffsynth.cache import RunCache  # noqa: E402
-from diffsynth.demo import ensure_demo_assets, write_synthetic_clip  # noqa: E402
+from diffsynth.cache import RunCache, tensors_to_bytes  # noqa: E402
+from diffsynth.config import ExecutorConfig  # noqa: E402
+from diffsynth.executor import RayExecutor  # noqa: E402
+from diffsynth.runner import run_stages  # noqa: E402
+from diffsynth.schedule import ddim_step, sliding_windows, windows_containing  # noqa: E402
+from diffsynth.stages.base import Stage, frame_index, frame_key  # noqa: E402
+from diffsynth.stages.denoise import combine_window_eps  # noqa: E402
 
-TIMED_STAGES = ("vae_decode", "smooth.final")
-FORGOTTEN_STAGES = ("vae_decode", "smooth.final", "encode")
+RESULTS = REPO / "bench" / "results"
+LATENT_SHAPE = (4, 96, 160)   # 1280×768 / 8
+MAP_BYTES = 1_400_000         # a natural 1280×768 frame in the cache's lossless codec: 1.1–1.7 MB
+WINDOW, STRIDE = 16, 8
+
+
+# --- the simulated render's stages -----------------------------------------------------------------------------
+class SimMaps(Stage):
+    """Conditioning maps per frame. on_coordinator=True: made in the render process, as the crop stage's frames
+    are; False: made on a worker from the first maps, as annotation is."""
+
+    def __init__(self, ctx, name, num_frames, source=None):
+        super().__init__(ctx, [source] if source else [])
+        self.name, self.num_frames, self.source = name, num_frames, source
+        self.on_coordinator = source is None
+
+    def unit_keys(self):
+        return [frame_key(i) for i in range(self.num_frames)]
+
+    def compute(self, key):
+        if self.source is not None:
+            return bytes(reversed(self.read_bytes(self.source, key))), None
+        rng = np.random.default_rng(frame_index(key))
+        return rng.integers(0, 256, MAP_BYTES, dtype=np.uint8).tobytes(), None
+
+
+class SimLatents(Stage):
+    def __init__(self, ctx, num_frames):
+        super().__init__(ctx)
+        self.name, self.num_frames = "sim.latents", num_frames
+
+    def unit_keys(self):
+        return [frame_key(i) for i in range(self.num_frames)]
+
+    def compute(self, key):
+        generator = torch.Generator().manual_seed(frame_index(key))
+        return tensors_to_bytes({"latent": torch.randn(LATENT_SHAPE, generator=generator)}), None
+
+
+class SimWindows(Stage):
+    """One unit per sliding window: reads the window's latents and both maps of its frames, sleeps `window_s` (the
+    model), writes an ε made from the latents and the maps (so it depends on every byte it reads)."""
+    ephemeral = True
+
+    def __init__(self, ctx, step, latents, maps, window_s):
+        super().__init__(ctx, [latents, *maps])
+        self.name = f"sim.{step:03d}.windows"
+        self.latents, self.maps, self.window_s = latents, maps, window_s
+        self.windows = sliding_windows(latents.num_frames, WINDOW, STRIDE)
+        self.last_window = None  # the previous window this process computed (ControlNet reuse, as the real one)
+
+    def window_key(self, j):
+        return f"w{j:05d}.safetensors"
+
+    def unit_keys(self):
+        return [self.window_key(j) for j in range(len(self.windows))]
+
+    def reads(self, key):
+        start, end = self.windows[int(key[1:6])]
+        frames = [frame_key(i) for i in range(start, end)]
+        return [(source, k) for source in [self.latents, *self.maps] for k in frames]
+
+    def compute(self, key):
+        j = int(key[1:6])
+        start, end = self.windows[j]
+        reused = set(range(*self.windows[j - 1])) if self.last_window == j - 1 else set()
+        self.counts["controlnet_frame_evaluations"] = (self.counts.get("controlnet_frame_evaluations", 0)
+                                                       + len(set(range(start, end)) - reused))
+        self.last_window = j
+        latents = torch.stack([self.read_tensors(self.latents, frame_key(i))["latent"] for i in range(start, end)])
+        condition = [sum(self.read_bytes(m, frame_key(i))[0] for m in self.maps) for i in range(start, end)]
+        time.sleep(self.window_s)
+        eps = latents * 0.5 + torch.tensor(condition, dtype=torch.float32).view(-1, 1, 1, 1) / 512
+        return tensors_to_bytes({"eps": eps}), None
+
+
+class SimStep(Stage):
+    """One unit per frame: the tent-weighted mean of its windows' ε, then the DDIM step."""
+    ephemeral = True
+
+    def __init__(self, ctx, step, latents, windows):
+        super().__init__(ctx, [latents, windows])
+        self.name = f"sim.{step:03d}.step"
+        self.latents, self.windows_stage = latents, windows
+        self.num_frames = latents.num_frames
+        self.ephemeral = True
+
+    def unit_keys(self):
+        return [frame_key(i) for i in range(self.num_frames)]
+
+    def reads(self, key):
+        index = frame_index(key)
+        return [(self.latents, key)] + [(self.windows_stage, self.windows_stage.window_key(j))
+                                        for j in windows_containing(index, self.windows_stage.windows)]
+
+    def compute(self, key):
+        index = frame_index(key)
+        x_t = self.read_tensors(self.latents, key)["latent"]
+        eps = combine_window_eps(index, self.windows_stage.windows, lambda j: self.read_tensors(
+            self.windows_stage, self.windows_stage.window_key(j))["eps"])
+        return tensors_to_bytes({"latent": ddim_step(x_t, eps, 0.5, 0.7)}), None
+
+
+def sim_stages(ctx, num_frames, steps, window_s):
+    frames = SimMaps(ctx, "sim.frames", num_frames)
+    edges = SimMaps(ctx, "sim.edges", num_frames, source=frames)
+    latents = SimLatents(ctx, num_frames)
+    latents.num_frames = num_frames
+    stages = [frames, edges, latents]
+    for step in range(steps):
+        windows = SimWindows(ctx, step, latents, [frames, edges], window_s)
+        latents_next = SimStep(ctx, step, latents, windows)
+        stages += [windows, latents_next]
+        latents = latents_next
+    stages[-1].ephemeral = False
+    return stages
+
+
+class SimContext:
+    def __init__(self, cache):
+        self.cache = cache
+
+    def __getstate__(self):
+        return {"cache": None}
+
+
+def simulate(workers, args, folder):
+    run_dir = folder / f"sim{workers}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cache = RunCache(run_dir)
+    cache.lock()
+    ctx = SimContext(cache)
+    stages = sim_stages(ctx, args.frames, args.steps, args.window_s)
+    settings = ExecutorConfig(workers=workers, cpus_per_worker=1)
+    with RayExecutor(settings, "cpu", stages) as executor:
+        # The actors have started (they import and unpickle the stages) before anything is timed.
+        executor.ray.get([actor.pid.remote() for actor in executor.actors])
+        cpu_before, wall_before = os.times(), time.time()
+        report = run_stages(stages, cache, progress=False, executor=executor)
+        cpu_after, wall_after = os.times(), time.time()
+    db = sqlite3.connect(run_dir / "manifest.sqlite")
+    first = db.execute("SELECT MIN(finished) FROM units WHERE stage LIKE 'sim.%.windows'").fetchone()[0]
+    last = db.execute("SELECT MAX(finished) FROM units WHERE stage LIKE 'sim.%.step'").fetchone()[0]
+    final = sorted(db.execute("SELECT key, checksum FROM units WHERE stage = ?", (stages[-1].name,)).fetchall())
+    db.close()
+    cache.close()
+    counts = report.executor
+    span = last - first + args.window_s  # the first window was dispatched one window's time before its commit
+    cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    latent = len(tensors_to_bytes({"latent": torch.zeros(LATENT_SHAPE)}))
+    windows = len(stages[3].windows)
+    eps = len(tensors_to_bytes({"eps": torch.zeros((WINDOW, *LATENT_SHAPE))}))
+    minimum_step = 2 * args.frames * latent + windows * eps
+    minimum_maps = args.frames * MAP_BYTES  # the frames' maps once (the edges are made on the workers)
+    denoise = [s.name for s in stages[3:]]
+    to_step = sum(counts["bytes_to_workers_by_stage"].get(n, 0) for n in denoise) / args.steps
+    from_step = sum(counts["bytes_from_workers_by_stage"].get(n, 0) for n in denoise) / args.steps
+    committed = max(1, report.units_computed)
+    return {
+        "workers": workers, "span_s": round(span, 2), "whole_s": round(wall_after - wall_before, 2),
+        "coordinator_cpu_s": round(cpu, 2), "coordinator_cpu_share": round(cpu / (wall_after - wall_before), 3),
+        "bytes_to_workers_per_step": int(to_step), "bytes_from_workers_per_step": int(from_step),
+        "bytes_per_step": int(to_step + from_step), "minimum_bytes_per_step": minimum_step,
+        "bytes_per_step_vs_minimum": round((to_step + from_step) / minimum_step, 3),
+        "bytes_to_workers": counts["bytes_to_workers"], "bytes_to_workers_minimum": minimum_maps,
+        "controlnet_evaluations_per_frame_step": round(
+            counts["controlnet_frame_evaluations"] / (args.frames * args.steps), 3),
+        "coordinator_ms_per_unit": {k: round(1000 * v / committed, 2) for k, v in counts["coordinator_s"].items()},
+        "units": report.units_computed, "units_dispatched": counts["units_dispatched"],
+        "units_resent": counts["units_resent"], "final": final,
+    }
+
+
+def main_simulated(args):
+    folder = Path(args.folder) / f"bench-scale-{os.getpid()}"
+    folder.mkdir(parents=True)
+    results, reference = [], None
+    try:
+        for workers in args.workers:
+            result = simulate(workers, args, folder)
+            final = result.pop("final")
+            if reference is None:
+                reference = final
+            elif final != reference:
+                sys.exit(f"{workers} workers gave other final latents than {args.workers[0]}")
+            results.append(result)
+            base = results[0]["span_s"] * results[0]["workers"]
+            result["speedup"] = round(base / result["span_s"], 2)
+            print(f"{workers} worker(s): {result['span_s']:.1f} s, speed-up {result['speedup']:.2f}×, coordinator "
+                  f"CPU {100 * result['coordinator_cpu_share']:.0f} %, bytes/step {result['bytes_per_step'] / 1e6:.1f}"
+                  f" MB = {result['bytes_per_step_vs_minimum']:.2f}× the minimum (to workers "
+                  f"{result['bytes_to_workers_per_step'] / 1e6:.1f} MB), render's bytes to workers "
+                  f"{result['bytes_to_workers'] / 1e6:.0f} MB (maps once: {result['bytes_to_workers_minimum'] / 1e6:.0f}),"
+                  f" ControlNet evaluations per frame-step {result['controlnet_evaluations_per_frame_step']:.3f}, "
+                  f"coordinator ms/unit {result['coordinator_ms_per_unit']}", flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    ideal = min(args.workers)
+    by_n = {r["workers"]: r for r in results}
+    top = by_n[max(args.workers)]
+    ok = top["speedup"] >= args.target and all(r["bytes_per_step_vs_minimum"] <= 1.5 for r in results)
+    record = {"mode": "simulated", "frames": args.frames, "steps": args.steps, "window_s": args.window_s,
+              "size": "1280x768", "cores": os.cpu_count(), "folder": args.folder, "baseline_workers": ideal,
+              "results": results, "target_speedup": args.target, "meets_target": ok,
+              "load_average": os.getloadavg()}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scale_simulated.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{max(args.workers)} workers: {top['speedup']:.2f}× (target ≥ {args.target}×); identical final latents")
+    return 0 if ok else 1
+
+
+# --- the real denoising on CPU workers ---------------------------------------------------------------------------
+KEPT_STAGES = ("crop", "annotate.", "prompts", "latents")
 
 
 def bench_config(assets, clip, run_dir, frames, size, workers):
     models = assets / "models"
     return {
         "models": {"model_list": [str(models / "stable_diffusion"), str(models / "motion_adapter")],
+                   "controlnet_units": [
+                       {"processor_id": "tile", "model_path": str(models / "controlnet_tile"), "scale": 0.5},
+                       {"processor_id": "canny", "model_path": str(models / "controlnet_canny"), "scale": 0.5}],
                    "device": "cpu"},
         "data": {"input_frames": {"video_file": str(clip), "width": size, "height": size, "start_frame_id": 0,
                                   "end_frame_id": frames},
-                 "output_folder": str(run_dir)},
+                 "output_folder": str(run_dir), "save_frames": False},
         "pipeline": {"seed": 1, "pipeline_inputs": {
-            "prompt": "a toon city", "num_inference_steps": 1, "animatediff_batch_size": 16,
-            "animatediff_stride": 8, "unet_batch_size": 16, "smoother_progress_ids": [-1]}},
-        "smoother_configs": [{"processor_type": "FastBlend", "config": {
-            "inference_mode": "fast", "window_size": 3, "minimum_patch_size": 3, "num_iter": 2}}],
+            "prompt": "a toon city", "num_inference_steps": 2, "animatediff_batch_size": 16,
+            "animatediff_stride": 8, "unet_batch_size": 16, "controlnet_batch_size": 8,
+            "smoother_progress_ids": []}},
         "executor": {"workers": workers},
     }
 
 
 def render(config_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    started = time.time()
     result = subprocess.run([sys.executable, "-m", "diffsynth", "render", str(config_path), "--no-progress",
                              "--force"], capture_output=True, text=True, env=env, cwd=REPO)
     if result.returncode != 0:
         sys.exit(f"render failed: {result.stderr[-2000:]}")
-    return time.time() - started
 
 
-def timed_span(run_dir):
-    """Seconds from the start of the VAE decode (its "units to do" log line) to the last timed unit's commit."""
+def denoise_span(run_dir):
+    """Seconds from the first denoising stage's "units to do" log line (workers started, models not yet loaded)
+    to the last denoising unit's commit."""
     start = None
     for line in (run_dir / "render.log").read_text().splitlines():
-        if "stage vae_decode:" in line and "units to do" in line:
+        if "stage denoise.000.windows:" in line and "units to do" in line:
             start = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()  # the last render's line
     db = sqlite3.connect(run_dir / "manifest.sqlite")
-    marks = ",".join("?" * len(TIMED_STAGES))
-    end = db.execute(f"SELECT MAX(finished) FROM units WHERE stage IN ({marks})", TIMED_STAGES).fetchone()[0]
+    end = db.execute("SELECT MAX(finished) FROM units WHERE stage LIKE 'denoise.%'").fetchone()[0]
     db.close()
     return end - start
 
 
-def outputs(run_dir):
-    return (run_dir / "video.mp4").read_bytes(), sorted((p.name, p.read_bytes()) for p in (run_dir / "frames").glob("*.png"))
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--frames", type=int, default=64)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--target", type=float, default=1.6)
-    args = parser.parse_args()
+def main_real(args):
+    from diffsynth.demo import ensure_demo_assets, write_synthetic_clip
     assets = ensure_demo_assets()
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     try:
@@ -99,33 +322,55 @@ def main():
         print(f"rendering the base run ({args.frames} frames, {args.size}²) …", flush=True)
         render(config)
         results, reference = {}, None
-        for workers in (1, args.workers):
-            run_dir = work / f"workers{workers}"
-            shutil.copytree(base, run_dir)
-            cache = RunCache(run_dir)
-            for stage in FORGOTTEN_STAGES:
-                cache.reset_stage(stage)
-            cache.close()
-            config = run_dir.with_suffix(".yaml")
-            config.write_text(yaml.safe_dump(bench_config(assets, clip, run_dir, args.frames, args.size, workers)))
-            total = render(config)
-            results[workers] = {"stages_s": round(timed_span(run_dir), 2), "render_s": round(total, 2)}
-            print(f"{workers} worker(s): VAE decode + final smoothing {results[workers]['stages_s']:.1f} s "
-                  f"(whole command {total:.1f} s)", flush=True)
-            if reference is None:
-                reference = outputs(run_dir)
-            elif outputs(run_dir) != reference:
-                sys.exit(f"{workers} workers gave different bytes than 1")
-        speedup = results[1]["stages_s"] / results[args.workers]["stages_s"]
-        print(f"speed-up with {args.workers} workers: {speedup:.2f}× (target ≥ {args.target}×); outputs identical")
-        record = {"frames": args.frames, "size": args.size, "cores": os.cpu_count(), "workers": results,
-                  "speedup": round(speedup, 3), "target": args.target, "identical": True}
-        out = REPO / "bench" / "results" / "scale.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n")
-        return 0 if speedup >= args.target else 1
+        for repeat in range(2):  # alternating, twice: the median of two on a shared machine
+            for label, workers in (("in-process", 1), ("2 workers", 2)):
+                run_dir = work / f"{label.replace(' ', '_')}_{repeat}"
+                shutil.copytree(base, run_dir)
+                cache = RunCache(run_dir)
+                for name in cache.stage_names():
+                    if not name.startswith(KEPT_STAGES):
+                        cache.reset_stage(name)
+                cache.close()
+                config = run_dir.with_suffix(".yaml")
+                config.write_text(yaml.safe_dump(bench_config(assets, clip, run_dir, args.frames, args.size,
+                                                              workers)))
+                render(config)
+                span = denoise_span(run_dir)
+                results.setdefault(label, []).append(round(span, 2))
+                print(f"{label}: denoising {span:.1f} s", flush=True)
+                out = (run_dir / "video.mp4").read_bytes()
+                if reference is None:
+                    reference = out
+                elif out != reference:
+                    sys.exit(f"{label} gave different bytes")
+        medians = {label: float(np.median(spans)) for label, spans in results.items()}
+        speedup = medians["in-process"] / medians["2 workers"]
+        print(f"2 CPU workers vs in-process: {speedup:.2f}×; outputs identical")
+        record = {"mode": "real", "frames": args.frames, "size": args.size, "cores": os.cpu_count(),
+                  "denoise_s": results, "median_s": medians, "speedup_2_workers": round(speedup, 3),
+                  "identical": True, "load_average": os.getloadavg()}
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "scale_real.json").write_text(json.dumps(record, indent=2) + "\n")
+        return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    modes = parser.add_subparsers(dest="mode", required=True)
+    simulated = modes.add_parser("simulated", help="the executor at 1280×768 with the model replaced by a sleep")
+    simulated.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
+    simulated.add_argument("--frames", type=int, default=264)
+    simulated.add_argument("--steps", type=int, default=3)
+    simulated.add_argument("--window-s", type=float, default=0.5)
+    simulated.add_argument("--target", type=float, default=7.0)
+    simulated.add_argument("--folder", default="/dev/shm")
+    real = modes.add_parser("real", help="the denoising stages with the tiny models on 1 and 2 CPU workers")
+    real.add_argument("--frames", type=int, default=40)
+    real.add_argument("--size", type=int, default=128)
+    args = parser.parse_args()
+    return main_simulated(args) if args.mode == "simulated" else main_real(args)
 
 
 if __name__ == "__main__":

@@ -449,10 +449,12 @@ class RunCache:
         total, retired = self.db.execute("SELECT total, retired FROM stages WHERE name = ?", (stage,)).fetchone()
         return self.count_done(stage), total, bool(retired)
 
-    def write(self, stage, key, data, path=None):
+    def write(self, stage, key, data, path=None, digest=None):
         """Store a unit atomically and record it. `data` is its bytes, or a function that writes the file at the
         path it is given (a video streamed to disk). `path` (relative to the run folder) is for the final outputs
-        that users open directly (frames/00000.png, video.mp4); other units live under cache/<stage>/."""
+        that users open directly (frames/00000.png, video.mp4); other units live under cache/<stage>/.
+        `digest`: the bytes' checksum as computed where they were made (a Ray worker), recorded instead of hashing
+        them again here; a byte changed on the way fails the checksum of the first read, which recomputes it."""
         relative = str(Path(path) if path else self.unit_path(stage, key).relative_to(self.run_dir))
         file = self.run_dir / relative
         self.db.execute("INSERT OR IGNORE INTO pending_writes VALUES (?)", (relative,))
@@ -462,12 +464,18 @@ class RunCache:
         if callable(data):
             size, digest = file.stat().st_size, file_checksum(file)
         else:
-            size, digest = len(data), checksum(data)
+            size, digest = len(data), digest or checksum(data)
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?, ?)",
                             (stage, key, relative, size, digest, time.time()))
             self.db.execute("DELETE FROM pending_writes WHERE path = ?", (relative,))
+
+    def unit_record(self, stage, key):
+        """(size, checksum) of a done unit from its manifest row, without reading its file; None if not done. A
+        released unit's size is RELEASED."""
+        return self.db.execute("SELECT size, checksum FROM units WHERE stage = ? AND key = ?",
+                               (stage, key)).fetchone()
 
     def read(self, stage, key):
         """A unit's bytes, checked against its row. Served from `prefetched` when the runner's reader thread has

@@ -264,6 +264,9 @@ class ExecutorConfig(Schema):
     cpus_per_worker: float = Field(1, gt=0, description="CPU cores Ray reserves for each worker. Workers compute "
                                    "with the render process's torch thread count (it changes a CPU result's low "
                                    "bits, so it is part of the CPU's fingerprint); OMP_NUM_THREADS sets both")
+    cache_per_worker_gb: float = Field(4, ge=0, description="memory each worker keeps of the bytes it was sent or "
+                                       "computed (frames, latents, ε), so the render process sends each only once; "
+                                       "0 = keep nothing, send every input with every unit")
 
     @property
     def distributed(self):

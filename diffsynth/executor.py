@@ -2,8 +2,21 @@
 
 The coordinator alone owns the run folder, its lock and the manifest. Workers are Ray actors holding a copy of the
 stages; they load the models once, on first use. A unit's inputs travel to the worker and its result's bytes come
-back through Ray's object store, so workers need no shared filesystem; the coordinator checks, writes atomically and
-commits each result exactly as the in-process runner does, in whatever order results arrive.
+back through Ray's object store, so workers need no shared filesystem; the coordinator writes atomically and commits
+each result exactly as the in-process runner does, in whatever order results arrive.
+
+Each byte once: a worker keeps the bytes it was sent and the results it computed (`HeldBytes`, bounded by
+executor.cache_per_worker_gb), keyed by their checksum; the coordinator keeps a slightly smaller mirror of what each
+worker holds, and sends a checksum instead of bytes the worker has. A worker that no longer has one (the mirror is
+conservative, not exact) says so and gets the unit again with its bytes; a replaced worker starts with an empty
+mirror. Bytes sent to several workers are put into Ray's object store once (`ray.put`).
+
+Locality: each stage's units are cut into one contiguous block per worker (by position in the stage's unit list, so
+frame i's latent, the windows holding frame i and frame i's step unit fall in the same block of every stage), and a
+worker computes its own block's units, taking another's only when it has nothing of its own (from the far end of the
+longest queue). So a worker computes a step's windows in order and reuses its ControlNet residuals as one process
+does, and it mostly holds every input of its units already: its own results. A per-frame step unit runs where its
+windows' ε are (no ε is sent but at the blocks' borders).
 
 Scheduling rests on the one declaration of what a unit reads (`Stage.reads`): a unit is dispatched as soon as every
 unit it reads is done, not stage by stage, so the windows of step k+1 start while step k finishes elsewhere.
@@ -11,10 +24,14 @@ Each worker holds at most `IN_FLIGHT` units (one computing, one waiting, so it n
 Stages marked `on_coordinator` (decoding a local file in order, encoding the video) run here, one unit at a time
 between dispatches.
 
+Checksums: a worker returns its result's checksum with it; the coordinator checks the size and records that
+checksum (hashing ~GB per step again here would be its biggest cost). A byte changed on the way would fail the
+checksum every read does, and the unit would be recomputed.
+
 Faults: a worker that dies (killed, node lost) is replaced and its in-flight units are dispatched again; a unit that
 raises (e.g. CUDA out of memory) is tried again on another worker, up to `ATTEMPTS` times. A coordinator that dies
 is resumed by running the same command. A stop request (Ctrl-C) dispatches nothing more, commits the results still
-arriving and stops.
+arriving and stops. What was sent, computed and held is counted (`ExecutorCounts`) into the run's `last_render`.
 
 Same bytes: every unit's result depends only on its inputs and its key (per-frame, per-step seeds), so the output
 is byte-identical whatever the number of workers, on the same kind of device.
@@ -23,12 +40,14 @@ is byte-identical whatever the number of workers, on the same kind of device.
 import logging
 import os
 import signal
-from collections import defaultdict, deque
+import sys
+import time
+from collections import OrderedDict, defaultdict, deque
 
 import torch
 from tqdm import tqdm
 
-from .cache import CorruptUnit
+from .cache import RELEASED, CorruptUnit, checksum
 from .errors import Interrupted, UserError
 from .runner import _pending, _recompute_released_inputs, _retire_finished_inputs, first_few, write_unit
 
@@ -37,6 +56,40 @@ log = logging.getLogger("diffsynth")
 IN_FLIGHT = 2
 ATTEMPTS = 3
 TEST_ENV_PREFIX = "DIFFSYNTH_TEST_"
+MIRROR_SHARE = 0.9  # the coordinator believes a worker holds only this share of what it keeps (orders differ a bit)
+SHARED_REFS_BYTES = 512 << 20  # bytes the coordinator keeps in Ray's object store for the next worker needing them
+
+
+class HeldBytes:
+    """Bytes (or, in the coordinator's mirror, only sizes) by checksum, least recently used dropped beyond
+    `capacity` bytes."""
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.items = OrderedDict()  # checksum → (value, size)
+        self.size = 0
+
+    def __contains__(self, digest):
+        return digest in self.items
+
+    def get(self, digest):
+        self.items.move_to_end(digest)
+        return self.items[digest][0]
+
+    def put(self, digest, value, size):
+        if digest in self.items:
+            self.items.move_to_end(digest)
+            return
+        if size > self.capacity:
+            return
+        self.items[digest] = (value, size)
+        self.size += size
+        while self.size > self.capacity:
+            self.size -= self.items.popitem(last=False)[1][1]
+
+
+class NotHeld(Exception):
+    """A worker was sent a checksum for bytes it no longer holds: the coordinator sends the unit again, with them."""
 
 
 class ShippedInputs:
@@ -55,27 +108,46 @@ class ShippedInputs:
 
 
 class UnitWorker:
-    """A Ray actor: computes units of any stage from the shipped inputs. (Decorated with ray.remote on use, so
+    """A Ray actor: computes units of any stage from the inputs sent or held. (Decorated with ray.remote on use, so
     importing this module never imports Ray.)"""
 
-    def __init__(self, stages, threads):
+    def __init__(self, stages, threads, cache_bytes):
+        import ray
         import torch
         torch.set_num_threads(threads)  # the render process's count: it is part of the CPU's fingerprint (low bits)
+        self.ray = ray
         self.stages = {stage.name: stage for stage in stages}
         self.shipped = ShippedInputs()
         for stage in stages:
             stage.ctx.cache = self.shipped
+        self.held = HeldBytes(cache_bytes)
         self.computed = 0
 
     def compute(self, stage_name, key, inputs):
+        """`inputs`: (input stage, key) → (checksum, [ObjectRef of its bytes] or None when this worker holds them).
+        Returns (bytes, path, checksum, {"busy_s": …, work counted by the stage})."""
+        started = time.perf_counter()
         self.computed += 1
         _test_kill_point(stage_name, self.computed)
-        self.shipped.units = inputs
+        missing = [unit for unit, (digest, sent) in inputs.items() if sent is None and digest not in self.held]
+        if missing:
+            raise NotHeld(f"{len(missing)} input(s) no longer held, e.g. {'/'.join(missing[0])}")
+        sent = [(unit, digest, sent[0]) for unit, (digest, sent) in inputs.items() if sent is not None]
+        units = {unit: self.held.get(digest) for unit, (digest, ref) in inputs.items() if ref is None}
+        for (unit, digest, _), data in zip(sent, self.ray.get([ref for *_, ref in sent])):
+            units[unit] = data
+            self.held.put(digest, data, len(data))
+        stage = self.stages[stage_name]
+        counted = dict(stage.counts)
+        self.shipped.units = units
         try:
-            data, path = self.stages[stage_name].compute(key)
+            data, path = stage.compute(key)
         finally:
             self.shipped.units = {}
-        return data, path
+        digest = checksum(data)
+        self.held.put(digest, data, len(data))
+        counts = {name: value - counted.get(name, 0) for name, value in stage.counts.items()}
+        return data, path, digest, {"busy_s": time.perf_counter() - started, **counts}
 
     def pid(self):
         return os.getpid()
@@ -105,6 +177,57 @@ def import_ray():
     return ray
 
 
+def placeable_workers(nodes, cpus_per_worker, gpus_per_worker):
+    """How many workers of `cpus_per_worker` CPUs and `gpus_per_worker` GPUs fit on the alive nodes of `nodes`
+    (ray.nodes()): a worker is placed on one node, so each node's share is counted on its own."""
+    total = 0
+    for node in nodes:
+        if not node.get("Alive", True):
+            continue
+        resources = node.get("Resources", {})
+        fits = int(resources.get("CPU", 0) / cpus_per_worker + 1e-9)
+        if gpus_per_worker:
+            fits = min(fits, int(resources.get("GPU", 0) / gpus_per_worker + 1e-9))
+        total += fits
+    return total
+
+
+class ExecutorCounts:
+    """What a render on Ray sent, computed and spent, for `last_render.executor` in the run's record (status)."""
+
+    def __init__(self, workers):
+        self.workers = workers
+        self.bytes_to_workers = defaultdict(int)    # by the stage of the unit the bytes were sent for
+        self.bytes_from_workers = defaultdict(int)  # by the stage of the unit computed
+        self.units_dispatched = 0
+        self.inputs_sent = 0         # inputs sent as bytes
+        self.inputs_referenced = 0   # inputs the worker held: only their checksum was sent
+        self.units_resent = 0        # a worker no longer held an input the coordinator thought it had
+        self.work = defaultdict(int)  # counted by the stages on the workers (controlnet_frame_evaluations)
+        self.busy_s = defaultdict(lambda: defaultdict(float))  # worker → stage → seconds computing
+        self.coordinator_s = defaultdict(float)  # the coordinator's own work: inputs, results, commit
+        self.units_committed = 0
+
+    def record(self):
+        committed = max(1, self.units_committed)
+        return {
+            "workers": self.workers,
+            "bytes_to_workers": sum(self.bytes_to_workers.values()),
+            "bytes_from_workers": sum(self.bytes_from_workers.values()),
+            "units_dispatched": self.units_dispatched,
+            "controlnet_frame_evaluations": self.work.get("controlnet_frame_evaluations", 0),
+            "inputs_sent": self.inputs_sent, "inputs_referenced": self.inputs_referenced,
+            "units_resent": self.units_resent,
+            "bytes_to_workers_by_stage": dict(self.bytes_to_workers),
+            "bytes_from_workers_by_stage": dict(self.bytes_from_workers),
+            "busy_s": {str(worker): {name: round(seconds, 3) for name, seconds in stages.items()}
+                       for worker, stages in sorted(self.busy_s.items())},
+            "coordinator_s": {name: round(seconds, 3) for name, seconds in self.coordinator_s.items()},
+            "coordinator_ms_per_unit": {name: round(1000 * seconds / committed, 3)
+                                        for name, seconds in self.coordinator_s.items()},
+        }
+
+
 class RayExecutor:
     """Starts (or joins) Ray and runs the render's units on `workers` actors; `walk` is the runner's loop for it."""
 
@@ -114,6 +237,7 @@ class RayExecutor:
         self.ray = None
         self.started_ray = False
         self.actors = []
+        self.cache_bytes = int(settings.cache_per_worker_gb * (1 << 30))
 
     # --- Ray and the actors ----------------------------------------------------------------------------------------
     def __enter__(self):
@@ -142,18 +266,40 @@ class RayExecutor:
         for sig, handler in handlers.items():
             if handler is not None:
                 signal.signal(sig, handler)
-        self.workers = settings.workers
-        if settings.address and settings.workers == 1:  # joined a cluster without a count: one per GPU (or CPU)
-            resources = ray.cluster_resources()
-            self.workers = max(1, int(resources.get("GPU", 0) // gpus) if gpus else
-                               int(resources.get("CPU", 1) // settings.cpus_per_worker))
+        try:
+            self.workers = self._placeable(settings, gpus)
+        except UserError:
+            self.__exit__()
+            raise
         log.info("executor: %d Ray worker(s) (%s CPU, %s GPU each)%s", self.workers, settings.cpus_per_worker, gpus,
                  f" on {settings.address}" if settings.address else "")
+        self.counts = ExecutorCounts(self.workers)
         # Started now, so they import and unpickle while the runner checks the cache (Ray creates actors in the
         # background); they load the models on their first unit.
         self.stages_ref = ray.put(self.stages)
         self.actors = [self._start_actor() for _ in range(self.workers)]
         return self
+
+    def _placeable(self, settings, gpus):
+        """The number of workers to start: as asked (by default on a cluster, one per GPU, or per CPU core), or as
+        many as the cluster can place, said in one line (workers that cannot be placed would wait for ever)."""
+        nodes = self.ray.nodes()
+        fits = placeable_workers(nodes, settings.cpus_per_worker, gpus)
+        asked = settings.workers
+        if settings.address and settings.workers == 1:  # joined a cluster without a count: one per GPU (or CPU)
+            asked = max(1, fits)
+        resources = self.ray.cluster_resources()
+        has = f"{resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU on {len(nodes)} node(s)"
+        needs = f"{settings.cpus_per_worker:g} CPU and {gpus:g} GPU each"
+        if fits == 0:
+            raise UserError(f"no Ray worker can be placed: the cluster has {has} and a worker needs {needs}; "
+                            "lower executor.gpus_per_worker or executor.cpus_per_worker, or add nodes")
+        if fits < asked:
+            line = f"executor: {asked} workers asked, {fits} started: the cluster has {has}, a worker needs {needs}"
+            log.warning(line)
+            tqdm.write(line, file=sys.stderr)
+            return fits
+        return asked
 
     def __exit__(self, *exc):
         for actor in self.actors:
@@ -162,11 +308,12 @@ class RayExecutor:
         self.actors = []
         if self.started_ray:
             self.ray.shutdown()
+            self.started_ray = False
 
     def _start_actor(self):
         actor_class = self.ray.remote(UnitWorker).options(num_cpus=self.settings.cpus_per_worker,
                                                          num_gpus=self.gpus_per_worker, max_restarts=0)
-        return actor_class.remote(self.stages_ref, torch.get_num_threads())
+        return actor_class.remote(self.stages_ref, torch.get_num_threads(), self.cache_bytes)
 
     # --- the walk --------------------------------------------------------------------------------------------------
     def walk(self, stages, keys, cache, stop, progress, report):
@@ -177,6 +324,7 @@ class RayExecutor:
             return walk.run()
         finally:
             walk.close()
+            report.executor = self.counts.record()
 
 
 class Walk:
@@ -184,25 +332,33 @@ class Walk:
 
     def __init__(self, executor, stages, keys, cache, stop, progress, report):
         self.executor, self.stages, self.cache, self.stop, self.report = executor, stages, cache, stop, report
-        self.ray = executor.ray
+        self.ray, self.counts = executor.ray, executor.counts
         self.by_name = {stage.name: stage for stage in stages}
         self.position = {stage.name: index for index, stage in enumerate(stages)}
         self.done = {stage.name: cache.done_keys(stage.name) for stage in stages}
+        workers = self.workers = len(executor.actors)
+        # Each stage's units in one contiguous block per worker, by position in the stage's list.
+        self.block = {stage.name: {key: (index * 2 + 1) * workers // (2 * len(keys[stage.name]))
+                                   for index, key in enumerate(keys[stage.name])} for stage in stages}
         self.left = {}           # stage name → units still to commit
         self.waiting = {}        # (stage name, key) → number of its inputs not done yet
         self.readers = defaultdict(list)  # input unit → pending units reading it
-        self.ready = []          # per stage position, a deque of ready units
+        self.ready = []          # per stage position, per worker (its block), a deque of ready units
         self.internal_readers = {}  # internal unit (FastBlend table) → pending units of its stage still reading it
-        self.in_flight = {}      # Ray reference → (worker index, stage name, key)
+        self.in_flight = {}      # Ray reference → (worker index, actor, stage name, key)
         self.attempts = defaultdict(int)
         self.local = None        # (stage, generator) of the on-coordinator stage running
+        self.records = {}        # (stage name, key) → (size, checksum) of done units, from the manifest or a commit
+        mirror = int(executor.cache_bytes * MIRROR_SHARE)
+        self.held = [HeldBytes(mirror) for _ in range(workers)]  # what each worker holds, as far as we know
+        self.shared_refs = HeldBytes(SHARED_REFS_BYTES)  # checksum → ObjectRef of bytes already in the store
         total = sum(len(k) for k in keys.values())
-        self.bar = tqdm(total=total, initial=report.units_reused, desc=f"units ({executor.workers} workers)",
+        self.bar = tqdm(total=total, initial=report.units_reused, desc=f"units ({workers} workers)",
                         unit="unit", disable=not progress, dynamic_ncols=True)
         self._plan(keys)
 
     def _plan(self, keys):
-        self.ready = [deque() for _ in self.stages]
+        self.ready = [[deque() for _ in range(self.workers)] for _ in self.stages]
         for stage in self.stages:
             pending = _pending(stage, keys, self.cache)
             self.left[stage.name] = len(pending)
@@ -219,9 +375,19 @@ class Walk:
                         self.readers[(upstream.name, upstream_key)].append((stage.name, key))
                 self.waiting[(stage.name, key)] = missing
                 if not missing:
-                    self.ready[self.position[stage.name]].append(key)
+                    self._make_ready(stage.name, key)
             # Tables a previous run finished with but had not yet released (it died in between).
             self._release_internal(stage, [k for k in internal if k in self.done[stage.name]])
+
+    def _make_ready(self, name, key, first=False):
+        queue = self.ready[self.position[name]][self.block[name][key]]
+        if first:  # a unit sent back: before the others
+            queue.appendleft(key)
+        else:
+            queue.append(key)
+
+    def _ready_count(self, stage):
+        return sum(len(queue) for queue in self.ready[self.position[stage.name]])
 
     def close(self):
         self.bar.close()
@@ -254,27 +420,72 @@ class Walk:
         return True
 
     def _dispatch(self):
-        """Fill every live worker up to IN_FLIGHT, later stages first (their inputs can then be released sooner)."""
-        executor = self.executor
-        for position in reversed(range(len(self.stages))):
-            stage, queue = self.stages[position], self.ready[position]
-            if stage.on_coordinator:
-                continue
-            while queue:
-                worker = self._free_worker()
-                if worker is None:
-                    return
-                key = queue.popleft()
-                inputs = {(upstream.name, k): self.cache.read(upstream.name, k) for upstream, k in stage.reads(key)}
-                actor = executor.actors[worker]
-                self.in_flight[actor.compute.remote(stage.name, key, inputs)] = (worker, actor, stage.name, key)
+        """Fill every live worker up to IN_FLIGHT from its own block, later stages first (their inputs can then be
+        released sooner); a worker with nothing in flight and nothing of its own takes another's."""
+        while True:
+            load = [0] * self.workers
+            for worker, *_ in self.in_flight.values():
+                load[worker] += 1
+            free = [w for w in range(self.workers) if self.executor.actors[w] is not None and load[w] < IN_FLIGHT]
+            sent = False
+            for worker in sorted(free, key=load.__getitem__):
+                unit = self._own_unit(worker) or (self._taken_unit() if not load[worker] else None)
+                if unit is not None:
+                    self._send(worker, *unit)
+                    sent = True
+            if not sent:
+                return
 
-    def _free_worker(self):
-        load = [0] * len(self.executor.actors)
-        for worker, *_ in self.in_flight.values():
-            load[worker] += 1
-        candidates = [i for i, actor in enumerate(self.executor.actors) if actor is not None and load[i] < IN_FLIGHT]
-        return min(candidates, key=load.__getitem__) if candidates else None
+    def _own_unit(self, worker):
+        for position in reversed(range(len(self.stages))):
+            stage, queue = self.stages[position], self.ready[position][worker]
+            if queue and not stage.on_coordinator:
+                return stage, queue.popleft()
+        return None
+
+    def _taken_unit(self):
+        """The last unit of the longest queue of the latest stage with two or more waiting (its worker is busy with
+        the first ones; the last is the farthest from where it works)."""
+        for position in reversed(range(len(self.stages))):
+            stage = self.stages[position]
+            longest = max(self.ready[position], key=len)
+            if len(longest) >= 2 and not stage.on_coordinator:
+                return stage, longest.pop()
+        return None
+
+    def _send(self, worker, stage, key):
+        started = time.perf_counter()
+        counts, held = self.counts, self.held[worker]
+        inputs = {}
+        for upstream, upstream_key in stage.reads(key):
+            size, digest = self._record(upstream.name, upstream_key)
+            if digest in held:
+                held.get(digest)
+                inputs[(upstream.name, upstream_key)] = (digest, None)
+                counts.inputs_referenced += 1
+                continue
+            ref = self.shared_refs.get(digest) if digest in self.shared_refs else None
+            if ref is None:
+                data = self.cache.read(upstream.name, upstream_key)  # checked against its checksum
+                ref = self.ray.put(data)
+                self.shared_refs.put(digest, ref, size)
+            inputs[(upstream.name, upstream_key)] = (digest, [ref])
+            held.put(digest, None, size)
+            counts.inputs_sent += 1
+            counts.bytes_to_workers[stage.name] += size
+        actor = self.executor.actors[worker]
+        self.in_flight[actor.compute.remote(stage.name, key, inputs)] = (worker, actor, stage.name, key)
+        counts.units_dispatched += 1
+        counts.coordinator_s["inputs"] += time.perf_counter() - started
+
+    def _record(self, name, key):
+        record = self.records.get((name, key))
+        if record is None:
+            record = self.cache.unit_record(name, key)
+            if record is None or record[0] == RELEASED:  # cannot be: reads() declared it; let read() say why
+                self.cache.read(name, key)
+            self.records[(name, key)] = record
+        return record
 
     def _step_local(self):
         """Advance the on-coordinator stage by one unit (starting one whose pending units can all run). True if a
@@ -282,9 +493,11 @@ class Walk:
         if self.local is None:
             for stage in self.stages:
                 if stage.on_coordinator and self.left[stage.name] and self._all_ready(stage):
-                    queue = self.ready[self.position[stage.name]]
-                    self.local = (stage, stage.run(list(queue)))
-                    queue.clear()
+                    queues = self.ready[self.position[stage.name]]
+                    pending = set().union(*queues)
+                    self.local = (stage, stage.run([key for key in self.block[stage.name] if key in pending]))
+                    for queue in queues:
+                        queue.clear()
                     break
             else:
                 return False
@@ -298,39 +511,53 @@ class Walk:
         return True
 
     def _all_ready(self, stage):
-        return len(self.ready[self.position[stage.name]]) == self.left[stage.name]
+        return self._ready_count(stage) == self.left[stage.name]
 
     def _collect(self, timeout):
         references, _ = self.ray.wait(list(self.in_flight), num_returns=1, timeout=timeout)
         for reference in references:
             worker, actor, name, key = self.in_flight.pop(reference)
+            started = time.perf_counter()
             try:
-                data, path = self.ray.get(reference)
+                data, path, digest, work = self.ray.get(reference)
             except self.ray.exceptions.RayActorError as error:
                 self._worker_died(worker, actor, name, key, error)
                 continue
             except self.ray.exceptions.RayTaskError as error:
                 self._unit_failed(worker, name, key, error)
                 continue
-            self._commit(name, key, data, path)
+            self.counts.coordinator_s["results"] += time.perf_counter() - started
+            self.counts.busy_s[worker][name] += work.pop("busy_s")
+            for counted, value in work.items():
+                self.counts.work[counted] += value
+            self.counts.bytes_from_workers[name] += len(data)
+            self.held[worker].put(digest, None, len(data))
+            self._commit(name, key, data, path, digest)
 
     def _worker_died(self, worker, actor, name, key, error):
         executor = self.executor
         if executor.actors[worker] is actor:  # the first of its lost units to come back: replace the worker
             log.warning("worker %d died (%s); starting another", worker, str(error).splitlines()[0][:200])
             executor.actors[worker] = executor._start_actor()
+            self.held[worker] = HeldBytes(self.held[worker].capacity)  # the new one holds nothing
         self._count_attempt(name, key, error)
         log.warning("re-dispatching %s/%s (its worker died)", name, key)
-        self.ready[self.position[name]].appendleft(key)
+        self._make_ready(name, key, first=True)
 
     def _unit_failed(self, worker, name, key, error):
         cause = getattr(error, "cause", None)
         if isinstance(cause, UserError):
             raise cause
+        if isinstance(cause, NotHeld):  # our mirror was wrong: forget it, send the unit again with its bytes
+            log.info("worker %d: %s; sending %s/%s again", worker, cause, name, key)
+            self.held[worker] = HeldBytes(self.held[worker].capacity)
+            self.counts.units_resent += 1
+            self._make_ready(name, key, first=True)
+            return
         self._count_attempt(name, key, cause or error)
         log.warning("unit %s/%s failed on worker %d (%s); re-dispatching it", name, key, worker,
                     str(cause or error).splitlines()[0][:200])
-        self.ready[self.position[name]].appendleft(key)
+        self._make_ready(name, key, first=True)
 
     def _count_attempt(self, name, key, error):
         self.attempts[(name, key)] += 1
@@ -342,9 +569,12 @@ class Walk:
         while self.in_flight:
             self._collect(timeout=None)
 
-    def _commit(self, name, key, data, path):
+    def _commit(self, name, key, data, path, digest=None):
+        started = time.perf_counter()
         stage = self.by_name[name]
-        write_unit(self.cache, stage, key, data, path)
+        write_unit(self.cache, stage, key, data, path, digest)
+        if digest is not None:
+            self.records[(name, key)] = (len(data), digest)
         self.done[name].add(key)
         self.left[name] -= 1
         self.report.computed[name] += 1
@@ -352,12 +582,14 @@ class Walk:
         for reader_name, reader_key in self.readers.pop((name, key), ()):
             self.waiting[(reader_name, reader_key)] -= 1
             if not self.waiting[(reader_name, reader_key)]:
-                self.ready[self.position[reader_name]].append(reader_key)
+                self._make_ready(reader_name, reader_key)
         self._release_internal_read_by(stage, key)
         if not self.left[name]:
             self._release_internal(stage, stage.internal_keys())
             log.info("stage %s: done", name)
             _retire_finished_inputs(stage, self.stages, self.cache)
+        self.counts.units_committed += 1
+        self.counts.coordinator_s["commit"] += time.perf_counter() - started
 
     def _release_internal_read_by(self, stage, key):
         finished = []
@@ -375,6 +607,7 @@ class Walk:
                       if key in self.done[stage.name] and not self.internal_readers.get(key)]
         for key in releasable:
             self.internal_readers.pop(key, None)
+            self.records.pop((stage.name, key), None)
         self.cache.release_units(stage.name, releasable)
 
 

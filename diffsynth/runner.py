@@ -159,6 +159,7 @@ class RunReport:
         self.total = {stage.name: len(keys[stage.name]) for stage in stages}
         self.reused = {stage.name: len(keys[stage.name]) - len(_pending(stage, keys, cache)) for stage in stages}
         self.computed = {stage.name: 0 for stage in stages}
+        self.executor = None  # what the Ray executor counted (diffsynth.executor.ExecutorCounts.record())
 
     @property
     def units_computed(self):
@@ -186,8 +187,11 @@ class RunReport:
             self.summary = (f"{self.units_computed} unit(s) computed in {len(redone)} stage(s), "
                             f"{self.units_reused} reused from the cache")
         log.info(self.summary)
-        self.cache.set_value("last_render", {"computed": self.units_computed, "reused": self.units_reused,
-                                             "computed_by_stage": {k: v for k, v in self.computed.items() if v}})
+        record = {"computed": self.units_computed, "reused": self.units_reused,
+                  "computed_by_stage": {k: v for k, v in self.computed.items() if v}}
+        if self.executor is not None:
+            record["executor"] = self.executor
+        self.cache.set_value("last_render", record)
 
 
 def _pending(stage, keys, cache):
@@ -261,10 +265,10 @@ def _run_stage(stage, pending, total, cache, stop, progress, report, io_threads)
     log.info("stage %s: done in %.1f s", stage.name, time.time() - started)
 
 
-def write_unit(cache, stage, key, data, path):
+def write_unit(cache, stage, key, data, path, digest=None):
     """Store one computed unit; a full or read-only disk becomes one line for the user."""
     try:
-        cache.write(stage.name, key, data, path)
+        cache.write(stage.name, key, data, path, digest)
     except (OSError, sqlite3.OperationalError) as error:
         raise storage_error(error, cache.run_dir, f"{stage.name}/{key}") or error from None
 

@@ -21,6 +21,7 @@ class Stage:
     def __init__(self, ctx, inputs=()):
         self.ctx = ctx
         self.inputs = tuple(inputs)
+        self.counts = {}  # work counted while computing (e.g. ControlNet frame evaluations), for the run's record
 
     def params(self):
         """Everything besides the inputs that decides this stage's results."""

@@ -134,8 +134,7 @@ class DenoiseWindowsStage(Stage):
         sample = torch.cat([latents, latents]).to(device, dtype)
         text = text.to(device, dtype)
         down_residuals, mid_residual = self.residuals.window(start, end, frame_embeddings)
-        next_start = self.windows[j + 1][0] if j + 1 < len(self.windows) else end
-        self.residuals.forget_before(next_start)  # the next window needs only frames from its start on
+        self.residuals.keep_for(*(self.windows[j + 1] if j + 1 < len(self.windows) else (end, end)))
         eps = self._unet(sample, text, down_residuals, mid_residual, frames, inputs).float().cpu()
         eps_negative, eps_positive = eps.chunk(2)
         eps = eps_negative + inputs.cfg_scale * (eps_positive - eps_negative)
@@ -229,12 +228,24 @@ class ControlNetResiduals:
     A frame's residuals are computed in a group of frames decided by the frame index alone (frames
     [g·B, (g+1)·B) for controlnet_batch_size B), one CFG half at a time, so its bits never depend on which window
     asked first, or on where a resumed render started. Where B divides the window stride and length, these are
-    exactly the ControlNet calls made without reuse. Memory: the overlap plus one group."""
+    exactly the ControlNet calls made without reuse.
+
+    Memory, whatever order windows arrive in (with many workers a worker gets a block of windows, and windows of
+    the next step in between): after a window only the frames the next window can reuse are kept (its frames, up to
+    the end of its last group), and a process keeps the residuals of at most `STEPS_KEPT` steps (the least recently
+    used step's are dropped): at most STEPS_KEPT × (one window + one group) frames, instead of one overlap stranded
+    per step for the whole render."""
+
+    STEPS_KEPT = 2
+    _holding = OrderedDict()  # id → the ControlNetResiduals of this process holding residuals, least recent first
 
     def __init__(self, stage, num_frames):
         self.stage, self.num_frames = stage, num_frames
         self.group = stage.controlnet_batch_size
         self.kept = {}  # frame index → ([down residual per level], mid residual), each (2 halves, C, h, w)
+
+    def __getstate__(self):  # shipped to a Ray worker before any residual exists; never ship tensors
+        return {**self.__dict__, "kept": {}}
 
     def frames_computed_with(self, start, end):
         """The frames whose inputs computing window [start, end)'s residuals may read: the groups it touches."""
@@ -244,9 +255,18 @@ class ControlNetResiduals:
         last = min(-(-end // self.group) * self.group, self.num_frames)
         return list(range(first, last))
 
-    def forget_before(self, start):
-        for index in [i for i in self.kept if i < start]:
+    def keep_for(self, start, end):
+        """Keep only what window [start, end) (the next one) can reuse: its frames and the rest of its last group."""
+        end = min(-(-end // self.group) * self.group, self.num_frames)
+        for index in [i for i in self.kept if not start <= i < end]:
             del self.kept[index]
+
+    def _hold(self):
+        holding = ControlNetResiduals._holding
+        holding[id(self)] = self
+        holding.move_to_end(id(self))
+        while len(holding) > self.STEPS_KEPT:
+            holding.popitem(last=False)[1].kept.clear()
 
     def window(self, start, end, frame_embeddings):
         """(down residuals, mid residual) for the window's batch [negative × frames, positive × frames], summed over
@@ -254,6 +274,7 @@ class ControlNetResiduals:
         embeddings of the frames of every group the window touches."""
         if not self.stage.control_sources:
             return None, None
+        self._hold()
         for first in range(start // self.group * self.group, end, self.group):
             if any(i not in self.kept for i in range(max(first, start), end) if i < first + self.group):
                 self._compute_group(first, min(first + self.group, self.num_frames), frame_embeddings)
@@ -268,6 +289,8 @@ class ControlNetResiduals:
         models = stage.ctx.models
         device, dtype = models.device, models.dtype
         indices = range(first, end)
+        counts = stage.counts
+        counts["controlnet_frame_evaluations"] = counts.get("controlnet_frame_evaluations", 0) + len(indices)
         latents = stage.read_latents(indices).to(device, dtype)
         conditions = stage.read_conditions(indices)
         halves = []
