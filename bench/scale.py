@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -151,9 +152,20 @@ class SimStep(Stage):
     def compute(self, key):
         index = frame_index(key)
         x_t = self.read_tensors(self.latents, key)["latent"]
-        eps = combine_window_eps(index, self.windows_stage.windows, lambda j: self.read_tensors(
-            self.windows_stage, self.windows_stage.window_key(j))["eps"])
+        eps = combine_window_eps(index, self.windows_stage.windows, self._window_eps)
         return tensors_to_bytes({"latent": ddim_step(x_t, eps, 0.5, 0.7)}), None
+
+    def _window_eps(self, j):
+        """Each window's ε parsed once for the consecutive frames sharing it (as the pipeline's CombinedEps)."""
+        recent = self.__dict__.setdefault("recent", OrderedDict())
+        if j not in recent:
+            recent[j] = self.read_tensors(self.windows_stage, self.windows_stage.window_key(j))["eps"]
+            while len(recent) > WINDOW // STRIDE + 1:
+                recent.popitem(last=False)
+        return recent[j]
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "recent"}
 
 
 def sim_stages(ctx, num_frames, steps, window_s):

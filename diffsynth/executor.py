@@ -138,7 +138,7 @@ class UnitWorker:
             units[unit] = data
             self.held.put(digest, data, len(data))
         stage = self.stages[stage_name]
-        counted = dict(stage.counts)
+        counted = dict(getattr(stage, "counts", {}))
         self.shipped.units = units
         try:
             data, path = stage.compute(key)
@@ -146,7 +146,7 @@ class UnitWorker:
             self.shipped.units = {}
         digest = checksum(data)
         self.held.put(digest, data, len(data))
-        counts = {name: value - counted.get(name, 0) for name, value in stage.counts.items()}
+        counts = {name: value - counted.get(name, 0) for name, value in getattr(stage, "counts", {}).items()}
         return data, path, digest, {"busy_s": time.perf_counter() - started, **counts}
 
     def pid(self):
@@ -444,12 +444,13 @@ class Walk:
         return None
 
     def _taken_unit(self):
-        """The last unit of the longest queue of the latest stage with two or more waiting (its worker is busy with
-        the first ones; the last is the farthest from where it works)."""
+        """The last unit of the longest queue of the latest stage with more waiting than its worker takes at once
+        (so it is behind: a slower or a new worker loading its models); the last is the farthest from where it
+        works. Taking less eagerly keeps the blocks, which is what keeps the bytes and ControlNet calls down."""
         for position in reversed(range(len(self.stages))):
             stage = self.stages[position]
             longest = max(self.ready[position], key=len)
-            if len(longest) >= 2 and not stage.on_coordinator:
+            if len(longest) > 2 * IN_FLIGHT and not stage.on_coordinator:
                 return stage, longest.pop()
         return None
 

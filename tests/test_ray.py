@@ -1,8 +1,10 @@
 """Many workers through Ray (diffsynth.executor): the same bytes for 1, 2 and 3 workers, a worker killed mid-unit,
 the coordinator killed with workers busy. Each test starts its own local Ray instance (`--workers N`)."""
 
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +22,10 @@ from helpers import (
 )
 
 pytest.importorskip("ray")
+
+import torch  # noqa: E402
+
+from diffsynth.cache import bytes_to_tensors, tensors_to_bytes  # noqa: E402
 
 
 def ray_processes():
@@ -39,16 +45,50 @@ def render_with_workers(demo_assets, folder, workers, env=None):
     return folder / "run"
 
 
-@pytest.mark.parametrize("workers", [3])  # 2 workers: the worker-kill and stop tests compare their bytes too
-def test_workers_give_the_bytes_of_one(small_render, demo_assets, tmp_path, workers):
-    run_dir = render_with_workers(demo_assets, tmp_path, workers)
-    frames, video = outputs(run_dir)
-    assert (frames, video) == outputs(small_render / "run")
-    log = (run_dir / "render.log").read_text()
-    assert f"executor: {workers} Ray worker(s)" in log
-    # Every stage ran on the workers or here, and each unit was computed exactly once.
-    assert sorted(committed_units(run_dir)) == sorted(committed_units(small_render / "run"))
-    assert "nothing was computed" not in log and "WARNING" not in log
+def manifest_sizes(run_dir, stage_prefix):
+    db = sqlite3.connect(f"file:{run_dir / 'manifest.sqlite'}?mode=ro", uri=True)
+    try:
+        return dict(db.execute("SELECT key, size FROM units WHERE stage LIKE ?", (stage_prefix,)).fetchall())
+    finally:
+        db.close()
+
+
+def test_two_workers_send_each_byte_once_and_reuse_controlnet_across_a_block(demo_assets, tmp_path):
+    """Counted in the run's record (status --json → last_render.executor): 2 workers, 20 frames, 4 windows a step
+    (2 per worker's block), ControlNet groups of 4. The output's bytes against one worker's are compared by the
+    worker-kill, coordinator-kill and stop tests."""
+    config = small_config(demo_assets, tmp_path / "run", controlnet_batch_size=4, smoother_progress_ids=[])
+    config["data"]["input_frames"]["end_frame_id"] = 20
+    config["smoother_configs"] = []
+    config["executor"] = {"workers": 2}
+    result = run_cli("render", write_config(tmp_path / "config.yaml", config), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "run"
+    record = json.loads(run_cli("status", run_dir, "--json").stdout)["last_render"]
+    executor, computed = record["executor"], record["computed_by_stage"]
+    assert executor["workers"] == 2
+    # Every unit not made here (decode + crop, encode) was dispatched once: no unit sent twice.
+    assert executor["units_dispatched"] == record["computed"] - computed["crop"] - computed["encode"]
+    assert executor["units_resent"] == 0
+    assert set(executor["busy_s"]) == {"0", "1"}
+    assert all(seconds.get("denoise.000.windows", 0) > 0 for seconds in executor["busy_s"].values())
+    # ControlNet: each frame evaluated once per step, but for the frames the two blocks' border windows share.
+    frames, steps, block = 20, 2, 2
+    assert 0 < executor["controlnet_frame_evaluations"] <= frames * steps * (1 + 1 / block)
+    # Bytes: within 1.5× of the minimum (each latent in and out once per step, each window's ε out once, the
+    # conditioning frames once per render).
+    latents = manifest_sizes(run_dir, "denoise.001.step")
+    latent_bytes = max(latents.values())
+    shape = bytes_to_tensors((run_dir / "cache" / "denoise.001.step" / "000000.safetensors").read_bytes())["latent"]
+    eps_bytes = len(tensors_to_bytes({"eps": torch.zeros(8, *shape.shape)}))
+    conditioning = sum(manifest_sizes(run_dir, "crop").values()) + sum(manifest_sizes(run_dir, "annotate.%").values())
+    minimum = steps * (2 * frames * latent_bytes + 4 * eps_bytes) + conditioning
+    denoise = [name for name in computed if name.startswith("denoise.")]
+    sent = sum(executor["bytes_to_workers_by_stage"].get(name, 0) for name in denoise)
+    received = sum(executor["bytes_from_workers_by_stage"].get(name, 0) for name in denoise)
+    assert received == steps * (frames * latent_bytes + 4 * eps_bytes)  # every result once, no more
+    assert sent + received <= 1.5 * minimum, (sent, received, minimum)
+    assert executor["inputs_referenced"] > 3 * executor["inputs_sent"]  # most inputs were held already
 
 
 def test_one_worker_does_not_import_ray():
@@ -145,3 +185,61 @@ def test_no_cluster_at_the_address_is_one_line(demo_assets, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: cannot join the Ray cluster at executor.address 'auto'")
     assert "Traceback" not in result.stderr
+
+
+def test_none_of_the_workers_can_be_placed_is_one_line(demo_assets, tmp_path):
+    config = small_config(demo_assets, tmp_path / "run")
+    config["executor"] = {"workers": 2, "gpus_per_worker": 1}  # this machine's Ray has no GPU
+    result = run_cli("render", write_config(tmp_path / "config.yaml", config), "--no-progress")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no Ray worker can be placed: the cluster has")
+    assert "Traceback" not in result.stderr
+
+
+def test_workers_that_fit_are_counted_per_node():
+    from diffsynth.executor import placeable_workers
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 16.0, "GPU": 3.0}},
+             {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 4.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}},
+             {"Alive": True, "Resources": {"CPU": 8.0}}]
+    assert placeable_workers(nodes, 1, 1) == 3 + 2  # the second node has CPUs for 2 of its 4 GPUs
+    assert placeable_workers(nodes, 1, 0.5) == 6 + 2
+    assert placeable_workers(nodes, 4, 0) == 4 + 0 + 2
+    assert placeable_workers(nodes, 1, 0) == 26
+
+
+def test_held_bytes_stay_within_their_bound():
+    from diffsynth.executor import HeldBytes
+
+    held = HeldBytes(10)
+    for digest in "abcd":
+        held.put(digest, digest * 4, 4)
+    assert list(held.items) == ["c", "d"] and held.size == 8
+    held.get("c")
+    held.put("e", "eeee", 4)
+    assert list(held.items) == ["c", "e"]
+    held.put("big", "x" * 11, 11)  # larger than the bound: not kept, nothing dropped for it
+    assert "big" not in held and held.size == 8
+
+
+def test_controlnet_residuals_stay_bounded_in_any_order():
+    """What a worker keeps of a step's ControlNet residuals: the frames the next window can reuse (up to its last
+    group), and at most STEPS_KEPT steps' worth, whatever order windows and steps arrive in."""
+    from types import SimpleNamespace
+
+    from diffsynth.stages.denoise import ControlNetResiduals
+
+    def residuals():
+        stage = SimpleNamespace(controlnet_batch_size=4, control_sources=[object()])
+        return ControlNetResiduals(stage, 40)
+
+    steps = [residuals() for _ in range(3)]
+    for step in steps:
+        step._hold()
+        step.kept = dict.fromkeys(range(0, 24))  # as if a window's groups had been computed
+    assert not steps[0].kept and steps[1].kept and steps[2].kept  # only the two most recent steps hold any
+    steps[2].keep_for(18, 26)
+    assert sorted(steps[2].kept) == list(range(18, 24))  # the next window's frames, up to its last group (28)
+    steps[1].keep_for(2, 10)  # a window arriving out of order drops what the later window had left
+    assert sorted(steps[1].kept) == list(range(2, 12))

@@ -56,6 +56,7 @@ FIELDS = {
     "executor.address": ("Ray cluster to join", False),
     "executor.gpus_per_worker": ("GPUs per worker", False),
     "executor.cpus_per_worker": ("CPU cores per worker", False),
+    "executor.cache_per_worker_gb": ("Memory each worker keeps of what it was sent (GB)", False),
 }
 
 
