@@ -18,11 +18,12 @@ the workers per step against the minimum (each latent in once and out once per s
 the maps once per render), ControlNet evaluations per frame per step, and the coordinator's milliseconds per unit.
 Exits 1 if 8 workers are below --target (7×) or the bytes per step above 1.5× the minimum.
 
-`real` — the tiny demo models on the CPU: the denoising stages of a render (2 ControlNets, 2 steps) on 1 and on 2
-Ray workers (their other stages reused from a base run), each process on one torch thread; outputs byte-identical.
+`real` — the tiny demo models on the CPU: the denoising stages of a render (2 ControlNets, 2 steps) in the render
+process and on 2 Ray workers (the other stages reused from a base run), each process on one torch thread, twice
+each, alternating (medians); the outputs must be byte-identical.
 
     python bench/scale.py simulated [--workers 1 2 4 8] [--frames 264] [--steps 3] [--window-s 0.5]
-    python bench/scale.py real [--frames 40] [--size 128]
+    python bench/scale.py real [--frames 40] [--size 64]
 """
 
 import argparse
@@ -380,7 +381,7 @@ def main():
     simulated.add_argument("--folder", default="/dev/shm")
     real = modes.add_parser("real", help="the denoising stages with the tiny models on 1 and 2 CPU workers")
     real.add_argument("--frames", type=int, default=40)
-    real.add_argument("--size", type=int, default=128)
+    real.add_argument("--size", type=int, default=64)
     args = parser.parse_args()
     return main_simulated(args) if args.mode == "simulated" else main_real(args)
 
