@@ -187,13 +187,25 @@ def test_no_cluster_at_the_address_is_one_line(demo_assets, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_none_of_the_workers_can_be_placed_is_one_line(demo_assets, tmp_path):
-    config = small_config(demo_assets, tmp_path / "run")
-    config["executor"] = {"workers": 2, "gpus_per_worker": 1}  # this machine's Ray has no GPU
-    result = run_cli("render", write_config(tmp_path / "config.yaml", config), "--no-progress")
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: no Ray worker can be placed: the cluster has")
-    assert "Traceback" not in result.stderr
+def test_more_workers_than_the_cluster_places_is_one_line(capsys):
+    """Workers that cannot be placed would wait for ever: as many as fit start, and one line says why; none is a
+    one-line error (exit code 2 from the CLI). In this process, on a one-CPU Ray instance (no render needed)."""
+    import ray
+
+    from diffsynth.config import ExecutorConfig
+    from diffsynth.errors import UserError
+    from diffsynth.executor import RayExecutor
+
+    ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        with RayExecutor(ExecutorConfig(workers=3), "cpu", []) as executor:
+            assert executor.workers == 1 and len(executor.actors) == 1
+        line = "executor: 3 workers asked, 1 started: the cluster has 1 CPU, 0 GPU on 1 node(s), a worker needs 1 CPU"
+        assert line in capsys.readouterr().err
+        with pytest.raises(UserError, match=r"^no Ray worker can be placed: the cluster has 1 CPU, 0 GPU"):
+            RayExecutor(ExecutorConfig(workers=2, gpus_per_worker=1), "cpu", []).__enter__()
+    finally:
+        ray.shutdown()
 
 
 def test_workers_that_fit_are_counted_per_node():
