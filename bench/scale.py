@@ -235,7 +235,7 @@ def simulate(workers, args, folder):
             counts["controlnet_frame_evaluations"] / (args.frames * args.steps), 3),
         "coordinator_ms_per_unit": {k: round(1000 * v / committed, 2) for k, v in counts["coordinator_s"].items()},
         "units": report.units_computed, "units_dispatched": counts["units_dispatched"],
-        "units_resent": counts["units_resent"], "final": final,
+        "units_resent": counts["units_resent"], "units_taken": counts.get("units_taken"), "final": final,
     }
 
 
@@ -281,7 +281,7 @@ def main_simulated(args):
 KEPT_STAGES = ("crop", "annotate.", "prompts", "latents")
 
 
-def bench_config(assets, clip, run_dir, frames, size, workers):
+def bench_config(assets, clip, run_dir, frames, size, workers, steps=2):
     models = assets / "models"
     return {
         "models": {"model_list": [str(models / "stable_diffusion"), str(models / "motion_adapter")],
@@ -293,7 +293,7 @@ def bench_config(assets, clip, run_dir, frames, size, workers):
                                   "end_frame_id": frames},
                  "output_folder": str(run_dir), "save_frames": False},
         "pipeline": {"seed": 1, "pipeline_inputs": {
-            "prompt": "a toon city", "num_inference_steps": 2, "animatediff_batch_size": 16,
+            "prompt": "a toon city", "num_inference_steps": steps, "animatediff_batch_size": 16,
             "animatediff_stride": 8, "unet_batch_size": 16, "controlnet_batch_size": 8,
             "smoother_progress_ids": []}},
         "executor": {"workers": workers},
@@ -331,11 +331,11 @@ def main_real(args):
                              audio=False)
         base = work / "base"
         config = base.with_suffix(".yaml")
-        config.write_text(yaml.safe_dump(bench_config(assets, clip, base, args.frames, args.size, 1)))
+        config.write_text(yaml.safe_dump(bench_config(assets, clip, base, args.frames, args.size, 1, args.steps)))
         print(f"rendering the base run ({args.frames} frames, {args.size}²) …", flush=True)
         render(config)
         results, reference = {}, None
-        for repeat in range(2):  # alternating, twice: the median of two on a shared machine
+        for repeat in range(args.repeats):  # alternating: medians, on a shared machine
             for label, workers in (("in-process", 1), ("2 workers", 2)):
                 run_dir = work / f"{label.replace(' ', '_')}_{repeat}"
                 shutil.copytree(base, run_dir)
@@ -346,7 +346,7 @@ def main_real(args):
                 cache.close()
                 config = run_dir.with_suffix(".yaml")
                 config.write_text(yaml.safe_dump(bench_config(assets, clip, run_dir, args.frames, args.size,
-                                                              workers)))
+                                                              workers, args.steps)))
                 render(config)
                 span = denoise_span(run_dir)
                 results.setdefault(label, []).append(round(span, 2))
@@ -359,7 +359,8 @@ def main_real(args):
         medians = {label: float(np.median(spans)) for label, spans in results.items()}
         speedup = medians["in-process"] / medians["2 workers"]
         print(f"2 CPU workers vs in-process: {speedup:.2f}×; outputs identical")
-        record = {"mode": "real", "frames": args.frames, "size": args.size, "cores": os.cpu_count(),
+        record = {"mode": "real", "frames": args.frames, "size": args.size, "steps": args.steps,
+                  "cores": os.cpu_count(),
                   "denoise_s": results, "median_s": medians, "speedup_2_workers": round(speedup, 3),
                   "identical": True, "load_average": os.getloadavg()}
         RESULTS.mkdir(exist_ok=True)
@@ -382,6 +383,8 @@ def main():
     real = modes.add_parser("real", help="the denoising stages with the tiny models on 1 and 2 CPU workers")
     real.add_argument("--frames", type=int, default=40)
     real.add_argument("--size", type=int, default=64)
+    real.add_argument("--steps", type=int, default=2)
+    real.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     return main_simulated(args) if args.mode == "simulated" else main_real(args)
 

@@ -203,6 +203,7 @@ class ExecutorCounts:
         self.inputs_sent = 0         # inputs sent as bytes
         self.inputs_referenced = 0   # inputs the worker held: only their checksum was sent
         self.units_resent = 0        # a worker no longer held an input the coordinator thought it had
+        self.units_taken = 0         # units a worker took from another's block (it had nothing of its own)
         self.work = defaultdict(int)  # counted by the stages on the workers (controlnet_frame_evaluations)
         self.busy_s = defaultdict(lambda: defaultdict(float))  # worker → stage → seconds computing
         self.coordinator_s = defaultdict(float)  # the coordinator's own work: inputs, results, commit
@@ -217,7 +218,7 @@ class ExecutorCounts:
             "units_dispatched": self.units_dispatched,
             "controlnet_frame_evaluations": self.work.get("controlnet_frame_evaluations", 0),
             "inputs_sent": self.inputs_sent, "inputs_referenced": self.inputs_referenced,
-            "units_resent": self.units_resent,
+            "units_resent": self.units_resent, "units_taken": self.units_taken,
             "bytes_to_workers_by_stage": dict(self.bytes_to_workers),
             "bytes_from_workers_by_stage": dict(self.bytes_from_workers),
             "busy_s": {str(worker): {name: round(seconds, 3) for name, seconds in stages.items()}
@@ -451,6 +452,7 @@ class Walk:
             stage = self.stages[position]
             longest = max(self.ready[position], key=len)
             if len(longest) > 2 * IN_FLIGHT and not stage.on_coordinator:
+                self.counts.units_taken += 1
                 return stage, longest.pop()
         return None
 
@@ -521,7 +523,8 @@ class Walk:
             started = time.perf_counter()
             try:
                 data, path, digest, work = self.ray.get(reference)
-            except self.ray.exceptions.RayActorError as error:
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.OutOfMemoryError) as error:
+                # (Ray's memory monitor kills a worker when the node runs out of memory: that worker is gone too.)
                 self._worker_died(worker, actor, name, key, error)
                 continue
             except self.ray.exceptions.RayTaskError as error:
