@@ -29,8 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from diffsynth import vram  # noqa: E402
-from diffsynth.models.split_inference import motion_unet_eps  # noqa: E402
+from diffsynth import vram
+from diffsynth.models.split_inference import motion_unet_eps
 
 CONFIGS = REPO / "diffsynth" / "models" / "configs"
 TARGET_BYTES = 24 * 10 ** 9
@@ -116,8 +116,9 @@ def build_models(device, dtype, controlnet_units):
 
 @torch.no_grad()
 def window_step(unet, controlnets, point, device, dtype):
-    """One window as DenoiseWindowsStage computes it: each ControlNet group of controlnet_batch_size frames, one
-    CFG half at a time, summed over units and kept per frame; the window's residuals joined; the chunked UNet."""
+    """One window as DenoiseWindowsStage computes it on a GPU: each ControlNet group of controlnet_batch_size
+    frames, both CFG halves in one call with cfg_halves together (one half at a time with apart), summed over units
+    and kept per frame; the window's residuals joined; the chunked UNet."""
     frames, h, w, unet_batch, halves, units, group = point
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(frames, 4, h, w, generator=generator).to(device, dtype)
@@ -127,15 +128,21 @@ def window_step(unet, controlnets, point, device, dtype):
         indices = range(first, min(first + group, frames))
         condition = torch.rand(len(indices), 3, h * 8, w * 8, generator=generator).to(device, dtype)
         per_half = []
-        for half in range(2):
+        n = len(indices)
+        calls = ([(torch.cat([latents[first:first + n]] * 2), torch.cat([text[first:][:n], text[frames + first:][:n]]),
+                   torch.cat([condition, condition]))] if halves == "together" else
+                 [(latents[first:first + n], text[half * frames + first:][:n], condition) for half in range(2)])
+        for sample, embeddings, cond in calls:
             total = None
             for controlnet in controlnets[:units]:
-                down, mid = controlnet(latents[first:first + len(indices)], 500,
-                                       encoder_hidden_states=text[half * frames + first:][:len(indices)],
-                                       controlnet_cond=condition, return_dict=False)
+                down, mid = controlnet(sample, 500, encoder_hidden_states=embeddings, controlnet_cond=cond,
+                                       return_dict=False)
                 total = (list(down), mid) if total is None else ([a + b for a, b in zip(total[0], down)],
                                                                  total[1] + mid)
             per_half.append(total)
+        if units and halves == "together":
+            per_half = [([level[:n] for level in per_half[0][0]], per_half[0][1][:n]),
+                        ([level[n:] for level in per_half[0][0]], per_half[0][1][n:])]
         if units:
             for offset, index in enumerate(indices):
                 kept[index] = ([torch.stack([n[offset], p[offset]]) for n, p in zip(per_half[0][0], per_half[1][0])],
@@ -163,7 +170,7 @@ def features(point):
     frames, h, w, unet_batch, halves, units, group = point
     pixels, videos = h * w, (2 if halves == "together" else 1)
     return [videos * frames * pixels, videos * min(unet_batch, frames) * pixels,
-            2 * frames * pixels * (units > 0), min(group, frames) * pixels * (units > 0)]
+            2 * frames * pixels * (units > 0), videos * min(group, frames) * pixels * (units > 0)]
 
 
 def measure_cpu():

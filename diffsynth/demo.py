@@ -3,7 +3,6 @@
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 
 from .errors import UserError
@@ -27,6 +26,7 @@ def synthetic_frame(index, width, height):
 
 def write_synthetic_clip(path, num_frames=48, width=160, height=120, fps=12, audio=True, rotation=0):
     """An H.264 clip with a 440 Hz tone (AAC) covering its whole length; deterministic for the same arguments."""
+    import av  # here, not above: synthetic_frame alone needs no PyAV (bench/gpu.py's original-only device run)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w", format="mp4") as output:

@@ -8,7 +8,8 @@ peak = weights + activations, where the activations (in elements, × the dtype's
                         modules run in as many pieces, so theirs are in this term too
   A_ATTN   · s·P²       attention scores; 0 with PyTorch's SDPA (flash / memory-efficient kernels never hold them)
   A_RES    · 2·window·P the ControlNet residuals of the window (kept between windows, joined for the UNet call)
-  A_CN     · cb·P       one ControlNet call's activations (cb = controlnet_batch_size)
+  A_CN     · c·P        one ControlNet call's activations (c = samples per call: 2·controlnet_batch_size with
+                        cfg_halves together, where a GPU runs both halves in one call; controlnet_batch_size apart)
 The coefficients were fitted by bench/vram.py to peaks measured on the CPU (float32, real SD1.5 + AnimateDiff v2 +
 ControlNet architectures, random weights, every tensor an op allocated counted exactly) and checked against held-out
 points; bench/results/vram.json has the fit and the points. Activations scale with the dtype's bytes, so the float32
@@ -55,7 +56,7 @@ def predict_vram_bytes(width, height, window, unet_batch_size, controlnet_batch_
         weights += TEXT_ENCODER_PARAMS * dtype_bytes + VAE_PARAMS * 4
     elements = A_WINDOW * samples * pixels + A_CHUNK * chunk * pixels + A_ATTN * chunk * pixels ** 2
     if controlnet_units:
-        elements += A_RES * 2 * window * pixels + A_CN * min(controlnet_batch_size, window) * pixels
+        elements += A_RES * 2 * window * pixels + A_CN * videos * min(controlnet_batch_size, window) * pixels
     return int(weights + elements * dtype_bytes)
 
 

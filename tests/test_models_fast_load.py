@@ -3,6 +3,8 @@
 random-init op touches a real tensor, and the bytes copied while loading are at most the loaded model's. Exact:
 the loaded weights are the same bits (names, dtypes, values) as diffusers' from_unet2d path of before."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import ControlNetModel, MotionAdapter, UNet2DConditionModel, UNetMotionModel
@@ -56,7 +58,7 @@ def fp16_base(tiny):
     path = tiny.root / "files" / "tiny_sd15_fp16.safetensors"
     save_file({k: v.half().contiguous() for k, v in read_state_dict(tiny.files["sd_safetensors"]).items()}, path)
     sidecar = str(tiny.files["sd_safetensors"]) + ".config.json"
-    (tiny.root / "files" / (path.name + ".config.json")).write_text(open(sidecar).read())
+    (tiny.root / "files" / (path.name + ".config.json")).write_text(Path(sidecar).read_text())
     return path
 
 

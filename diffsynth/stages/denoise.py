@@ -15,7 +15,7 @@ from functools import cached_property
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from ..cache import tensors_to_bytes
+from ..cache import as_rgb, bytes_to_image, tensors_to_bytes
 from ..errors import UserError
 from ..models.split_inference import motion_unet_eps
 from ..schedule import (
@@ -29,7 +29,7 @@ from ..schedule import (
     windows_containing,
 )
 from .base import Stage, frame_index, frame_key
-from .latents import encode_image, image_to_vae_input
+from .latents import encode_image
 from .prompts import PromptTimeline
 from .vae_decode import frame_vae_tile, vae_tile_params
 
@@ -60,7 +60,9 @@ def resolved_batch_sizes(ctx):
 
 
 class DenoiseWindowsStage(Stage):
-    version = "2"  # 2: the motion modules normalise per frame (models.motion_norm)
+    # 2: the motion modules normalise per frame (models.motion_norm); 3: on a GPU both CFG halves in one ControlNet
+    # call (other low bits there; the CPU's are unchanged)
+    version = "3"
     ephemeral = True
 
     def __init__(self, ctx, step_index, latents, prompts, control_sources, num_frames):
@@ -112,10 +114,14 @@ class DenoiseWindowsStage(Stage):
     def read_latents(self, indices):
         return torch.stack([self.read_tensors(self.latents, frame_key(i))["latent"] for i in indices])
 
-    def read_conditions(self, indices):
-        """Each ControlNet unit's conditioning images of frames `indices`, RGB in [0, 1], (frames, 3, H, W)."""
-        return [torch.cat([image_to_vae_input(self.read_image(source, frame_key(i)), "cpu") for i in indices])
-                .add(1).div(2) for source in self.control_sources]
+    def conditions_on_device(self, indices):
+        """Each ControlNet unit's conditioning images of frames `indices` on the model's device, RGB in [0, 1],
+        (frames, 3, H, W) in the model's dtype: yielded one unit at a time, so on a GPU the next unit's frames are
+        decoded while the last one's ControlNet runs. See `upload_frames`."""
+        models = self.ctx.models
+        for source in self.control_sources:
+            data = [self.read_bytes(source, frame_key(i)) for i in indices]  # this thread's manifest connection
+            yield condition_input(upload_frames(data, models.device), models.dtype)
 
     @torch.no_grad()
     def compute(self, key):
@@ -131,14 +137,16 @@ class DenoiseWindowsStage(Stage):
         # Classifier-free guidance in one batch: [negative × frames, positive × frames].
         text = torch.cat([frame_embeddings("negative", range(start, end)),
                           frame_embeddings("positive", range(start, end))])
-        sample = torch.cat([latents, latents]).to(device, dtype)
+        latents = latents.to(device, dtype)
+        sample = torch.cat([latents, latents])
         text = text.to(device, dtype)
         down_residuals, mid_residual = self.residuals.window(start, end, frame_embeddings)
         self.residuals.keep_for(*(self.windows[j + 1] if j + 1 < len(self.windows) else (end, end)))
-        eps = self._unet(sample, text, down_residuals, mid_residual, frames, inputs).float().cpu()
+        eps = self._unet(sample, text, down_residuals, mid_residual, frames, inputs).float()
         eps_negative, eps_positive = eps.chunk(2)
+        # Guidance on the device (float32 elementwise: the same bits as on the CPU), so half the bytes come back.
         eps = eps_negative + inputs.cfg_scale * (eps_positive - eps_negative)
-        return tensors_to_bytes({"eps": eps}), None
+        return tensors_to_bytes({"eps": eps.cpu()}), None
 
     def _unet(self, sample, text, down_residuals, mid_residual, frames, inputs):
         unet = self.ctx.models.unet
@@ -239,6 +247,20 @@ class ControlNetResiduals:
     STEPS_KEPT = 2
     _holding = OrderedDict()  # id → the ControlNetResiduals of this process holding residuals, least recent first
 
+    # Both CFG halves in one ControlNet call: on a GPU with cfg_halves: together (one call of 2 × the group fills
+    # the card better; the VRAM model counts its samples). Not on the CPU, where it buys nothing and a batch of 2B
+    # samples rounds differently from two of B (oneDNN/MKL pick kernels by batch size): a CPU run keeps its bits.
+    # None = that rule; True/False force it (the tests check the joined path's assembly on the CPU).
+    join_halves = None
+
+    def halves_together(self):
+        stage = self.stage
+        if stage.ctx.config.pipeline.pipeline_inputs.cfg_halves != "together":
+            return False
+        if self.join_halves is not None:
+            return self.join_halves
+        return torch.device(stage.ctx.models.device).type == "cuda"
+
     def __init__(self, stage, num_frames):
         self.stage, self.num_frames = stage, num_frames
         self.group = stage.controlnet_batch_size
@@ -285,33 +307,64 @@ class ControlNetResiduals:
         return down, mid
 
     def _compute_group(self, first, end, frame_embeddings):
+        """One group's residuals: per ControlNet unit, one call with both CFG halves [negative × frames,
+        positive × frames] (`halves_together`) or one call per half; each unit's conditioning frames uploaded once
+        and used by both halves."""
         stage = self.stage
         models = stage.ctx.models
         device, dtype = models.device, models.dtype
         indices = range(first, end)
         counts = stage.counts
         counts["controlnet_frame_evaluations"] = counts.get("controlnet_frame_evaluations", 0) + len(indices)
+        frames = len(indices)
         latents = stage.read_latents(indices).to(device, dtype)
-        conditions = stage.read_conditions(indices)
-        halves = []
-        for half in ("negative", "positive"):
-            text = frame_embeddings(half, indices).contiguous().to(device, dtype)
-            down_total, mid_total = None, None
-            for unit, controlnet, condition in zip(stage.ctx.config.models.controlnet_units, models.controlnets,
-                                                   conditions):
-                down, mid = controlnet(latents, stage.timestep, encoder_hidden_states=text,
-                                       controlnet_cond=condition.to(device, dtype), conditioning_scale=unit.scale,
-                                       return_dict=False)
-                if down_total is None:
-                    down_total, mid_total = list(down), mid
-                else:  # summed over units in the same order as before reuse existed
-                    down_total = [a + b for a, b in zip(down_total, down)]
-                    mid_total = mid_total + mid
-            halves.append((down_total, mid_total))
-        (negative_down, negative_mid), (positive_down, positive_mid) = halves
+        negative = frame_embeddings("negative", indices).contiguous().to(device, dtype)
+        positive = frame_embeddings("positive", indices).contiguous().to(device, dtype)
+        together = self.halves_together()
+        calls = ([(torch.cat([latents, latents]), torch.cat([negative, positive]))] if together
+                 else [(latents, negative), (latents, positive)])
+        totals = [None] * len(calls)  # per call: [down residual per level..., mid residual]
+        for unit, controlnet, condition in zip(stage.ctx.config.models.controlnet_units, models.controlnets,
+                                               stage.conditions_on_device(indices)):
+            if together:
+                condition = torch.cat([condition, condition])
+            for k, (sample, text) in enumerate(calls):
+                down, mid = controlnet(sample, stage.timestep, encoder_hidden_states=text, controlnet_cond=condition,
+                                       conditioning_scale=unit.scale, return_dict=False)
+                # summed over units in unit order, as before reuse existed
+                totals[k] = [*down, mid] if totals[k] is None else [a + b for a, b in zip(totals[k], [*down, mid])]
+        halves = ([[level[:frames] for level in totals[0]], [level[frames:] for level in totals[0]]] if together
+                  else totals)
         for offset, index in enumerate(indices):
-            down = [torch.stack([n[offset], p[offset]]) for n, p in zip(negative_down, positive_down)]
-            self.kept[index] = (down, torch.stack([negative_mid[offset], positive_mid[offset]]))
+            pairs = [torch.stack([n[offset], p[offset]]) for n, p in zip(*halves)]
+            self.kept[index] = (pairs[:-1], pairs[-1])
+
+
+_DECODERS = None  # a few threads decoding cached frames (zstd and numpy release the GIL)
+
+
+def upload_frames(data, device):
+    """Cached frames' bytes → one uint8 (frames, H, W, 3) tensor on `device`: decoded by a small thread pool
+    into one buffer (pinned on a GPU machine) and uploaded in one asynchronous copy: a quarter of the float32
+    bytes, and the host moves on while it travels."""
+    global _DECODERS
+    if _DECODERS is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _DECODERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="frame-decode")
+    images = list(_DECODERS.map(lambda frame: as_rgb(bytes_to_image(frame)), data))
+    cuda = torch.device(device).type == "cuda"
+    frames = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=cuda)
+    for frame, image in zip(frames, images):
+        frame.copy_(torch.from_numpy(image))
+    return frames.to(device, non_blocking=True) if cuda else frames
+
+
+def condition_input(frames, dtype):
+    """uint8 (frames, H, W, 3) → the ControlNet's conditioning input (frames, 3, H, W) in [0, 1] in `dtype`, on
+    the frames' device, by the same float32 operations as `image_to_vae_input` then `.add(1).div(2)`, so the
+    values are the same bits wherever they are computed, and in the same (contiguous) layout: convolutions pick
+    other kernels, with other low bits, for a channels-last input."""
+    return frames.permute(0, 3, 1, 2).contiguous().float().div(127.5).sub(1).add(1).div(2).to(dtype)
 
 
 def combine_window_eps(index, windows, read_window_eps):
