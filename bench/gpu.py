@@ -1,6 +1,7 @@
 """Denoising speed on a GPU, against the peers users would pick, like with like. No downloads: real-size SD1.5 +
 an AnimateDiff v2 motion module + two ControlNets v1.1 with random weights, written once as single files in the
-original layouts (bench/load.py's writer), 1024×576, window 16 / stride 8, CFG 7, 10 steps, 32 frames, float16.
+original's layouts (bench/original_diffutoon.py's `write_weights`, the files bench/oracle.py compares on), read by
+every variant; 1024×576, window 16 / stride 8, CFG 7, 10 steps, 32 frames, float16.
 
 Variants:
   cached:    this pipeline with its disk cache (the denoise stages, run by the runner);
@@ -75,8 +76,10 @@ def model_paths(cpu, folder):
         demo = ensure_demo_assets() / "models"
         return {"base": demo / "stable_diffusion", "motion": demo / "motion_adapter",
                 "controlnet_tile": demo / "controlnet_tile", "controlnet_lineart": demo / "controlnet_canny"}
-    from load import write_real_size_single_files
-    return write_real_size_single_files(folder)
+    from original_diffutoon import write_weights  # the original's layouts, as bench/oracle.py uses them
+    weights = write_weights(folder)
+    return {"base": weights["sd"], "motion": weights["motion"], "controlnet_tile": weights["controlnets"][0],
+            "controlnet_lineart": weights["controlnets"][1]}
 
 
 def render_config(models, clip, run_dir, s, unet_batch_size="auto", controlnet_batch_size="auto"):

@@ -6,31 +6,34 @@
 #                                     .whl-original/ (both in .git/info/exclude; ~48 MB and ~33 MB: the carry
 #                                     limit is 64 MiB a call, so the original's run leaves PyAV behind)
 #   bench/gpu_device_run.sh ours      ON THE DEVICE (carry: .whl-ours): bench/load.py --device cuda (render start
-#                                     -> first UNet call), bench/gpu_settings.py --compile (cuDNN, channels_last,
-#                                     SDPA, torch.compile, the two-process same-bits check), bench/gpu.py
-#                                     --variants cached,in_memory,diffusers; every result file into $OUT
+#                                     -> first UNet call), bench/gpu.py --variants cached,in_memory,diffusers,
+#                                     bench/gpu_settings.py (cuDNN, channels_last, SDPA, the two-process same-bits
+#                                     check); every result file into $OUT
 #   bench/gpu_device_run.sh original  ON THE DEVICE (carry: .whl-original): the original Diffutoon (PyPI
 #                                     diffsynth==1.1.7) in its own venv through bench/original_diffutoon.py,
-#                                     bench/gpu.py --variants original; its result file into $OUT
+#                                     bench/gpu.py --variants original, then bench/gpu_settings.py --compile
 #
 # The device image has torch, transformers 5, accelerate, safetensors, cupy, einops, imageio, opencv, timm...
 # (/work/.library/device/KINDS.md); ours also needs diffusers, PyAV, pydantic and zstandard; the original pins
 # transformers 4.46.2 (so tokenizers < 0.21 and huggingface-hub < 1.0, in its own venv, which sees the image's
 # packages for the rest) and imports controlnet-aux 0.0.7 and ftfy. Both runs write the same seeded random files
-# (bench/load.py), so every variant reads the same weights. Merge the two gpu.json files with
+# (bench/original_diffutoon.py's write_weights), so every variant reads the same weights. Merge the two gpu.json files with
 # `python bench/gpu_device_run.sh`'s last step (below) or by hand: the original's keys into ours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 phase="${1:?usage: bench/gpu_device_run.sh wheels|ours|original}"
 PY="${PYTHON:-python3}"
-MODELS=/tmp/diffsynth_models
+MODELS=/tmp/diffsynth_models          # bench/original_diffutoon.py's weights (gpu.py, gpu_settings.py)
+LOAD_MODELS=/tmp/diffsynth_load_models  # bench/load.py's (upstream dtypes)
 OUT="${OUT:-/tmp/diffsynth_gpu_out}"
 mkdir -p "$OUT"
 platforms="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
 
 fetch() {  # folder, then NAME==VERSION...
   local folder="$1"; shift
-  grep -qxF "/$folder/" .git/info/exclude 2>/dev/null || echo "/$folder/" >> .git/info/exclude
+  local exclude; exclude="$(git rev-parse --git-path info/exclude)"  # a worktree's .git is a file
+  mkdir -p "$(dirname "$exclude")"
+  grep -qxF "/$folder/" "$exclude" 2>/dev/null || echo "/$folder/" >> "$exclude"
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms \
     -d "$folder" "$@"
 }
@@ -56,10 +59,13 @@ ours)
   install .whl-ours /tmp/site && export PYTHONPATH="/tmp/site:$PWD"
   export PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-  timeout 150 "$PY" bench/load.py --device cuda --runs 3 --label gpu --models "$MODELS" --out "$OUT/load.json"
-  timeout 240 "$PY" bench/gpu_settings.py --models "$MODELS" --compile --out "$OUT/gpu_settings.json" \
-    || timeout 90 "$PY" bench/gpu_settings.py --models "$MODELS" --out "$OUT/gpu_settings.json"
-  timeout 240 "$PY" bench/gpu.py --models "$MODELS" --variants cached,in_memory,diffusers --out "$OUT/gpu.json"
+  # each step bounded, so the run stays under the 10-minute limit and what finished still comes back
+  timeout 100 "$PY" bench/load.py --device cuda --runs 3 --label gpu --models "$LOAD_MODELS" --out "$OUT/load.json" \
+    || echo "load.py did not finish"
+  timeout 300 "$PY" bench/gpu.py --models "$MODELS" --variants cached,in_memory,diffusers --out "$OUT/gpu.json" \
+    || echo "gpu.py did not finish"
+  timeout 120 "$PY" bench/gpu_settings.py --models "$MODELS" --out "$OUT/gpu_settings.json" \
+    || echo "gpu_settings.py did not finish"
   ;;
 original)
   # ours without PyAV (the original-only path of bench/gpu.py needs none); the original's pins in its own venv
@@ -73,8 +79,11 @@ original)
     cp "$wheel" /tmp/wheels-original/
   done
   "$venv/bin/python" -m pip install -q --no-index --no-deps --no-compile /tmp/wheels-original/*.whl
-  timeout 420 "$PY" bench/gpu.py --models "$MODELS" --variants original --original-python "$venv/bin/python" \
-    --out "$OUT/gpu_original.json"
+  timeout 300 "$PY" bench/gpu.py --models "$MODELS" --variants original --original-python "$venv/bin/python" \
+    --out "$OUT/gpu_original.json" || echo "gpu.py --variants original did not finish"
+  # torch.compile (first call with an empty inductor cache, then in a second process with it filled) in the time left
+  timeout 200 "$PY" bench/gpu_settings.py --models "$MODELS" --compile --out "$OUT/gpu_settings_compile.json" \
+    || echo "gpu_settings.py --compile did not finish"
   ;;
 *)
   echo "usage: bench/gpu_device_run.sh wheels|ours|original" >&2; exit 2 ;;

@@ -9,6 +9,9 @@ GPU) is reported apart, with the process's CPU seconds (machine A is shared: wal
 `--runs` times, each in a fresh process (nothing cached in Python; the files stay in the page cache, as on a
 second render), and reports the medians. The free-space check (plan) is skipped (force).
 
+These files, not bench/original_diffutoon.py's (all float16), because what loading costs depends on the dtypes
+the upstream files have: the cast of a float32 motion module and ControlNets is part of it.
+
 Target (issue 19): ≤ 15 s on the 2-core CPU machine A, ≤ 10 s on a GPU machine. Writes bench/results/load.json
 (`--out` to change). `python bench/load.py --device cuda` on a GPU machine.
 """
