@@ -110,9 +110,9 @@ def memory_run_cache(run_dir):
             self.db.execute("PRAGMA synchronous=OFF")
             self.memory = {}
 
-        def write(self, stage, key, data, path=None):
+        def write(self, stage, key, data, path=None, digest=None):
             if callable(data):
-                return super().write(stage, key, data, path)
+                return super().write(stage, key, data, path, digest)
             self.memory[(stage, key)] = data
             self.db.execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?, ?)",
                             (stage, key, f"memory/{stage}/{key}", len(data), "", time.time()))
