@@ -16,11 +16,11 @@ reaches no registry, bring the wheel (prepared here, where pip works):
     python -m pip download --no-deps --only-binary=:all: -d .whl diffsynth==1.1.7
     python bench/fastblend_gpu.py --original-wheel .whl/diffsynth-1.1.7-py3-none-any.whl [--original-python PY]
 
-`--original-python` is the interpreter that has cupy (default: this one). Without cupy there, add its wheel too
-(`pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl
-cupy-cuda12x fastrlock`, installed there with `pip install --no-index --no-deps --target DIR .whl/*.whl` and
-DIR on PYTHONPATH). Writes bench/results/fastblend_gpu.json. `--cpu`: ours only, at a tiny size, on the CPU (the CI
-smoke test of this script).
+`--original-python` is the interpreter that has cupy (default: this one). Use the cupy already there, built for
+the machine's CUDA (the lent H200's image has cupy-cuda13x): the `cupy-cuda12x` wheel the original names is 136 MB
+(14.2.0, cp312), over the 64 MiB a device call can carry. Elsewhere, `pip install cupy-cuda12x` (or -13x, to match
+the driver) in the interpreter given. Writes bench/results/fastblend_gpu.json. `--cpu`: ours only, at a tiny size,
+on the CPU (the CI smoke test of this script).
 """
 
 from __future__ import annotations
