@@ -109,3 +109,20 @@ def test_gpu_benchmark_smoke_runs_ours_on_the_cpu(tmp_path):
     for row in report["rows"]:
         assert row["ours_fps"] > 0 and row["ours"]["kernels"] == "torch"
         assert row["original_fps"] is None and row["ratio"] is None and row["mae_vs_original"] is None
+
+
+def test_the_kernel_back_end_is_in_the_smoothing_fingerprint(monkeypatch):
+    """Fused and torch sums differ in their last bits: a cache smoothed by one is never reused by the other. The
+    torch path keeps the fingerprint it had before the choice existed."""
+    from types import SimpleNamespace
+
+    from diffsynth.fastblend import FastBlendConfig
+    from diffsynth.stages.smooth import SmoothStage
+
+    stage = SimpleNamespace(config=FastBlendConfig(), device=torch.device("cpu"))
+    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
+    torch_params = SmoothStage.params(stage)
+    assert "kernels" not in torch_params
+    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
+    fused_params = SmoothStage.params(stage)
+    assert fused_params["kernels"] == "triton" and fused_params != torch_params

@@ -366,7 +366,9 @@ class FusedLevelSearch:
     def random_search(self, nnf, error, offsets):
         if not offsets:
             return _field(nnf), error
-        return self._launch(RANDOM, nnf, error, offsets=torch.stack(offsets).contiguous())
+        offsets = torch.stack(offsets)
+        _check_size(offsets)
+        return self._launch(RANDOM, nnf, error, offsets=offsets)
 
     def track(self, nnf, error, step):
         return self._launch(BATCH, nnf, error, step=step)
