@@ -16,11 +16,13 @@ reaches no registry, bring the wheel (prepared here, where pip works):
     python -m pip download --no-deps --only-binary=:all: -d .whl diffsynth==1.1.7
     python bench/fastblend_gpu.py --original-wheel .whl/diffsynth-1.1.7-py3-none-any.whl [--original-python PY]
 
-`--original-python` is the interpreter that has cupy (default: this one). Use the cupy already there, built for
-the machine's CUDA (the lent H200's image has cupy-cuda13x): the `cupy-cuda12x` wheel the original names is 136 MB
-(14.2.0, cp312), over the 64 MiB a device call can carry. Elsewhere, `pip install cupy-cuda12x` (or -13x, to match
-the driver) in the interpreter given. Writes bench/results/fastblend_gpu.json. `--cpu`: ours only, at a tiny size,
-on the CPU (the CI smoke test of this script).
+Or `--original-venv VENV`: the venv issue 18's harness builds for the whole original (bench/original_diffutoon.py
+`ensure_venv`; on a GPU machine `bench/gpu_device_run.sh original`): its installed FastBlend folder and interpreter
+are used, loaded the same way. `--original-python` is the interpreter that has cupy (default: this one). Use the
+cupy already there, built for the machine's CUDA (the lent H200's image has cupy-cuda13x): the `cupy-cuda12x` wheel
+the original names is 136 MB (14.2.0, cp312), over the 64 MiB a device call can carry. Elsewhere, `pip install
+cupy-cuda12x` (or -13x, to match the driver) in the interpreter given. Writes bench/results/fastblend_gpu.json.
+`--cpu`: ours only, at a tiny size, on the CPU (the CI smoke test of this script).
 """
 
 from __future__ import annotations
@@ -134,10 +136,26 @@ def extract_original(wheel: Path, into: Path) -> Path:
     return into / FASTBLEND_IN_WHEEL
 
 
+def _original_env():
+    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # never our package there
+
+
+def fastblend_in_venv(venv: Path) -> tuple[str, Path]:
+    """(interpreter, FastBlend folder) of an installed diffsynth 1.1.7 in `venv`, found without importing it."""
+    python = venv / "bin" / "python"
+    where = "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('diffsynth').origin))"
+    out = subprocess.run([str(python), "-c", where], capture_output=True, text=True, env=_original_env(), cwd="/")
+    folder = Path(out.stdout.strip()) / "extensions" / "FastBlend"
+    if out.returncode != 0 or not (folder / "__init__.py").is_file():
+        raise SystemExit(f"--original-venv {venv}: no diffsynth/extensions/FastBlend there "
+                         "(bench/original_diffutoon.py's ensure_venv installs diffsynth==1.1.7)")
+    return str(python), folder
+
+
 def run_original(python, fastblend_dir, frames_file, mode, result_file):
     command = [python, str(Path(__file__).resolve()), "--original-worker", "--fastblend-dir", str(fastblend_dir),
                "--frames", str(frames_file), "--mode", mode, "--result", str(result_file)]
-    out = subprocess.run(command, capture_output=True, text=True)
+    out = subprocess.run(command, capture_output=True, text=True, env=_original_env(), cwd="/")
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -203,6 +221,10 @@ def main() -> int:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--original-wheel", type=Path, help="the diffsynth==1.1.7 wheel (its FastBlend is run)")
     parser.add_argument("--original-python", default=sys.executable, help="interpreter with cupy for the original")
+    parser.add_argument("--original-venv", type=Path,
+                        help="instead of --original-wheel: the original's venv of bench/original_diffutoon.py "
+                             "(ensure_venv; bench/gpu_device_run.sh original builds it on a GPU machine): its "
+                             "FastBlend folder and its interpreter")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fastblend_gpu.json")
     # The original's worker process (internal).
     parser.add_argument("--original-worker", action="store_true", help=argparse.SUPPRESS)
@@ -239,6 +261,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         fastblend_dir = extract_original(args.original_wheel, tmp / "original") if args.original_wheel else None
+        if args.original_venv and not args.cpu:
+            args.original_python, fastblend_dir = fastblend_in_venv(args.original_venv)
         for width, height in sizes:
             guide, style = scene(args.num_frames, width, height)
             frames_file = tmp / f"frames_{width}x{height}.npz"
@@ -249,7 +273,7 @@ def main() -> int:
                        "ours_fps": args.num_frames / ours["seconds"], "ours": ours}
                 row.update(original_fps=None, ratio=None, mae_vs_original=None)
                 if fastblend_dir is None:
-                    row["original"] = "not run (" + ("--cpu" if args.cpu else "no --original-wheel") + ")"
+                    row["original"] = "not run (" + ("--cpu" if args.cpu else "no --original-wheel/--venv") + ")"
                 else:
                     original = run_original(args.original_python, fastblend_dir, frames_file, mode,
                                             tmp / "original_out.npy")
