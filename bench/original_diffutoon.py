@@ -143,8 +143,10 @@ def write_weights(folder, seed=0, controlnet_zero_conv_bias=False):
                 for key, value in state.items()}
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**config("sd15_unet")).eval()
-    _perturb_zeros(unet, generator)
+    unet = None
+    if not paths["sd"].exists() or not paths["lora"].exists():  # ~1 min to build: only when needed
+        unet = UNet2DConditionModel(**config("sd15_unet")).eval()
+        _perturb_zeros(unet, generator)
     if not paths["sd"].exists():
         vae = AutoencoderKL(**config("sd15_vae"))
         _perturb_zeros(vae, generator)
@@ -272,7 +274,7 @@ def _worker(spec_path, out_folder):
     loras_loaded = []
     for index, case in enumerate(cases):
         loras = [tuple(lora) for lora in case.get("loras", [])]
-        if loras != loras_loaded[:len(loras)]:
+        if loras[:len(loras_loaded)] != loras_loaded:  # a merged LoRA cannot be taken out again
             raise ValueError("cases with LoRAs must come last, each adding to the previous case's LoRAs")
         for path, alpha in loras[len(loras_loaded):]:
             with cuda_calls_on("cpu") if not torch.cuda.is_available() else contextlib.nullcontext():
