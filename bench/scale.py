@@ -20,7 +20,8 @@ Exits 1 if 8 workers are below --target (7×) or the bytes per step above 1.5× 
 
 `real` — the tiny demo models on the CPU: the denoising stages of a render (2 ControlNets, 2 steps) in the render
 process and on 2 Ray workers (the other stages reused from a base run), each process on one torch thread, twice
-each, alternating (medians); the outputs must be byte-identical.
+each, alternating (medians); the outputs must be byte-identical. Timed from the first window's commit (so the
+workers' model loading, on their first unit, is left out) to the last denoising unit's commit.
 
     python bench/scale.py simulated [--workers 1 2 4 8] [--frames 264] [--steps 3] [--window-s 0.5]
     python bench/scale.py real [--frames 40] [--size 64]
@@ -36,7 +37,6 @@ import sys
 import tempfile
 import time
 from collections import OrderedDict
-from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -307,13 +307,10 @@ def render(config_path):
 
 
 def denoise_span(run_dir):
-    """Seconds from the first denoising stage's "units to do" log line (workers started, models not yet loaded)
-    to the last denoising unit's commit."""
-    start = None
-    for line in (run_dir / "render.log").read_text().splitlines():
-        if "stage denoise.000.windows:" in line and "units to do" in line:
-            start = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()  # the last render's line
+    """Seconds from the first window's commit to the last denoising unit's commit: the models are loaded and warm
+    on both sides (a worker loads them on its first unit; the render process may have loaded them earlier)."""
     db = sqlite3.connect(run_dir / "manifest.sqlite")
+    start = db.execute("SELECT MIN(finished) FROM units WHERE stage = 'denoise.000.windows'").fetchone()[0]
     end = db.execute("SELECT MAX(finished) FROM units WHERE stage LIKE 'denoise.%'").fetchone()[0]
     db.close()
     return end - start
