@@ -270,6 +270,28 @@ def read_unit(db, run_dir, stage, key):
     return data
 
 
+def read_stored_unit(run_dir, stage, stage_fingerprint, key):
+    """A done unit's bytes from a run folder, read-only (no lock taken, nothing written: a render in progress or
+    `diffsynth plan` may ask), when its stage is stored with this fingerprint and the file matches its row; else
+    None."""
+    manifest = Path(run_dir) / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{manifest}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error:
+        return None
+    try:
+        row = db.execute("SELECT fingerprint FROM stages WHERE name = ?", (stage,)).fetchone()
+        if row is None or row[0] != stage_fingerprint:
+            return None
+        return read_unit(db, run_dir, stage, key)
+    except (sqlite3.Error, CorruptUnit, OSError):
+        return None
+    finally:
+        db.close()
+
+
 def check_run_folder(run_dir):
     """A render may use a folder that does not exist yet, an empty one, or a run folder (one with our manifest).
     Anything else holds someone's files, which a render must never touch: refuse it (UserError)."""

@@ -59,6 +59,12 @@ def _parser():
     smooth.add_argument("--crf", type=int, default=17)
     smooth.add_argument("--device", default="auto")
     smooth.add_argument("--no-progress", action="store_true")
+    smooth.add_argument("--shots", default="none", metavar="auto|none|I,J,…",
+                        help="no FastBlend window blends two shots: auto = hard cuts detected on the guide "
+                             "(PySceneDetect); none = one shot (default, as the original FastBlend); or the frames "
+                             "where a new shot starts, comma-separated (e.g. 120,388)")
+    smooth.add_argument("--shot-threshold", type=float, default=None,
+                        help="--shots auto: the content detector's threshold (default 27, PySceneDetect's)")
     _add_schema_options(smooth, FastBlendSettings, aliases={"inference_mode": "--mode"})
     models = commands.add_parser("models", help="inspect the model files a config names")
     models_commands = models.add_subparsers(dest="models_command", required=True)
@@ -85,7 +91,7 @@ def _add_schema_options(parser, schema, aliases=()):
 
 
 def cmd_smooth(args):
-    from .config import FastBlendSettings
+    from .config import DataConfig, FastBlendSettings
     from .smooth_video import smooth_video
 
     given = {name: getattr(args, name) for name in FastBlendSettings.model_fields if getattr(args, name) is not None}
@@ -95,8 +101,24 @@ def cmd_smooth(args):
         first = error.errors()[0]
         raise UserError(f"--{'-'.join(str(p) for p in first['loc']).replace('_', '-')}: "
                         f"{first['msg'].removeprefix('Value error, ')}") from None
+    shots = args.shots.strip()
+    if shots not in ("auto", "none"):
+        try:
+            shots = [int(part) for part in shots.split(",") if part.strip()]
+        except ValueError:
+            raise UserError(f"--shots {args.shots}: give auto, none, or frame indices separated by commas "
+                            "(e.g. 120,388)") from None
+    try:  # the render config's own checks (non-negative, increasing, a positive threshold)
+        data = DataConfig.model_validate({"input_frames": {"video_file": args.guide}, "output_folder": ".",
+                                          "shots": shots, **({"shot_threshold": args.shot_threshold}
+                                                             if args.shot_threshold is not None else {})})
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: "
+                        f"{first['msg'].removeprefix('Value error, ')}") from None
     print(smooth_video(args.guide, args.style, args.output, settings, run_dir=args.run_dir, crf=args.crf,
-                       device=args.device, progress=not args.no_progress))
+                       device=args.device, progress=not args.no_progress, shots=data.shots,
+                       shot_threshold=data.shot_threshold))
 
 
 def cmd_render(args):

@@ -13,6 +13,7 @@ from .errors import UserError
 
 PROCESSOR_IDS = ("tile", "canny", "lineart", "lineart_coarse", "lineart_anime", "softedge", "depth", "openpose")
 MOTION_MODULE_MAX_FRAMES = 32
+SHOT_THRESHOLD = 27.0  # PySceneDetect's ContentDetector default
 
 
 class Schema(BaseModel):
@@ -113,6 +114,30 @@ class DataConfig(Schema):
                            "changes the output's bytes")
     save_frames: bool = Field(True, description="also save every final frame as frames/00000.png … (lossless, "
                                                 "about 1.5 bytes a pixel on disk); off = only video.mp4")
+    shots: Literal["auto", "none"] | list[int] = Field(
+        "auto", description="where the video cuts to a new shot, so that no sliding window and no FastBlend window "
+                            "blends two shots: auto = hard cuts detected on the cropped input frames (PySceneDetect's "
+                            "content detector); none = one shot (the original Diffutoon's behaviour); or the frame "
+                            "indices where a new shot starts (counted from the rendered range's first frame)")
+    shot_threshold: float = Field(
+        SHOT_THRESHOLD, gt=0, description="shots: auto only: the content detector's threshold on the change between "
+                                          "two frames (PySceneDetect's default 27; lower finds more cuts)")
+
+    @field_validator("shots")
+    @classmethod
+    def _shot_starts(cls, value):
+        """An explicit list: frame indices from 0, increasing; its range is checked against the rendered frames
+        when the render is planned (diffsynth.pipeline)."""
+        if isinstance(value, list):
+            negative = [index for index in value if index < 0]
+            if negative:
+                raise ValueError(f"shot start {negative[0]} is negative; give frame indices from 0 (the rendered "
+                                 "range's first frame)")
+            for before, after in zip(value, value[1:]):
+                if after <= before:
+                    raise ValueError(f"shot starts must increase, each once: {after} follows {before}; sort the "
+                                     "list and remove repeats")
+        return value
 
 
 class PipelineInputs(Schema):

@@ -24,6 +24,64 @@ def synthetic_frame(index, width, height):
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def _scene_frame(scene, index, width, height):
+    """Frame `index` of one of five very different synthetic scenes, each drifting slowly (float32 RGB)."""
+    if scene == 0:  # the demo's textured blue background, moving disc and square
+        return synthetic_frame(index, width, height).astype(np.float32)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32) * (64 / width)  # the same picture at any size
+    wave = np.sin((x + 0.5 * index) / 5) * np.cos((y - 0.3 * index) / 6)
+    flat = np.ones_like(x)
+    colours = {1: (220 * flat, 70 + 50 * wave, 40 * flat),      # red-orange
+               2: (20 * flat, 150 + 60 * wave, 40 * flat),       # green
+               3: (30 * flat, 70 + 40 * wave, 220 * flat),       # blue
+               4: (230 * flat, 210 * flat, 70 + 50 * wave)}      # yellow
+    return np.stack(colours[scene], axis=-1)
+
+
+def cut_clip_frames(width=64, height=48, shot_length=16, dissolve=24):
+    """(frames, cut frames) of a synthetic clip with three hard cuts between very different scenes and one
+    gradual dissolve inside the third shot (a transition, not a cut): scene 0 | scene 1 | scene 2 dissolving into
+    scene 3 | scene 4, each drifting. Every shot is at least `shot_length` frames (PySceneDetect merges shots
+    shorter than its min_scene_len, 15)."""
+    plan = [[(0, i) for i in range(shot_length)], [(1, i) for i in range(shot_length)],
+            [(2, i) for i in range(4)] + [("dissolve", i) for i in range(dissolve)] + [(3, dissolve + 4 + i)
+                                                                                        for i in range(4)],
+            [(4, i) for i in range(shot_length)]]
+    frames, starts = [], []
+    for shot in plan:
+        starts.append(len(frames))
+        for scene, index in shot:
+            if scene == "dissolve":  # scene 2 → scene 3, linearly, both still drifting
+                t = (index + 1) / (dissolve + 1)
+                image = (1 - t) * _scene_frame(2, 4 + index, width, height) + t * _scene_frame(3, 4 + index, width,
+                                                                                              height)
+            else:
+                image = _scene_frame(scene, index, width, height)
+            frames.append(np.clip(image, 0, 255).astype(np.uint8))
+    return frames, starts[1:]
+
+
+def write_frames_clip(path, frames, fps=12):
+    """An H.264 clip of uint8 RGB frames (crf 12, no audio)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), "w", format="mp4") as output:
+        video = output.add_stream("libx264", rate=Fraction(fps))
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"crf": "12"}
+        video.thread_count = 1
+        for index, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = index
+            frame.time_base = Fraction(1, fps)
+            for packet in video.encode(frame):
+                output.mux(packet)
+        for packet in video.encode():
+            output.mux(packet)
+    return path
+
+
 def write_synthetic_clip(path, num_frames=48, width=160, height=120, fps=12, audio=True, rotation=0):
     """An H.264 clip with a 440 Hz tone (AAC) covering its whole length; deterministic for the same arguments."""
     import av  # here, not above: synthetic_frame alone needs no PyAV (bench/gpu.py's original-only device run)

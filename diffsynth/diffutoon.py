@@ -151,6 +151,8 @@ def config_from_original(original):
       model_list (the original loaded them from both; here units name their own files).
     - `start_frame_id: None` becomes the default 0 (`end_frame_id: None` already means "to the end").
     - `models.annotators_folder` defaults to the original's fixed `models/Annotators`.
+    - `data.shots` defaults to `none`: the original's windows and FastBlend run across cuts (this project's own
+      configs detect them, `auto`).
     """
     if not isinstance(original, dict):
         raise UserError(f"a Diffutoon config must be a dict of keys (models, data, pipeline, …), "
@@ -161,6 +163,7 @@ def config_from_original(original):
     if isinstance(models, dict):
         _convert_models(models)
     if isinstance(data, dict):
+        data.setdefault("shots", "none")
         for frames in [data.get("input_frames")] + list(data.get("controlnet_frames") or []):
             if isinstance(frames, dict) and "start_frame_id" in frames and frames["start_frame_id"] is None:
                 del frames["start_frame_id"]

@@ -156,6 +156,7 @@ def unit_sizes(stages, ctx, measured, frames):
     from .stages.denoise import DenoiseWindowsStage
     from .stages.encode import VIDEO_KEY, EncodeStage
     from .stages.prompts import EMBEDDINGS_KEY, PromptStage
+    from .stages.shots import ShotsStage, shots_to_bytes
     from .stages.smooth import SmoothStage
 
     frames_config = ctx.config.data.input_frames
@@ -174,6 +175,9 @@ def unit_sizes(stages, ctx, measured, frames):
         keys = stage.unit_keys()
         if stage.name in measured:
             sizes[stage.name] = dict.fromkeys(keys, measured[stage.name])
+        elif isinstance(stage, ShotsStage):
+            shots = len(shots_to_bytes(ctx.shot_starts or [0], len(stage.frames.frame_keys())))
+            sizes[stage.name] = dict.fromkeys(keys, shots)
         elif isinstance(stage, PromptStage):
             shape = ((1, 77 * _prompt_chunks(stage), _text_width(ctx.models)), torch.float32)
             one = _tensor_size(embedding=shape)
@@ -428,6 +432,42 @@ def device_memory(config):
     return torch.cuda.get_device_properties(torch.device(device)).total_memory
 
 
+# --- shots ------------------------------------------------------------------------------------------------------------
+
+def shot_plan(config, stages):
+    """The shots (data.shots) and the sliding windows of each: {"shots": auto|none|given, "threshold" (auto),
+    "list": [{"start", "length", "windows"}]}."""
+    from .schedule import shot_ranges
+    from .stages.denoise import DenoiseWindowsStage
+    ctx = stages[0].ctx
+    num_frames = len(stages[0].unit_keys())
+    windows = next((stage.windows for stage in stages if isinstance(stage, DenoiseWindowsStage)), [])
+    shots = config.data.shots if isinstance(config.data.shots, str) else "given"
+    plan = {"shots": shots, "list": [
+        {"start": start, "length": end - start, "windows": sum(1 for first, _ in windows if start <= first < end)}
+        for start, end in shot_ranges(ctx.shot_starts or [0], num_frames)]}
+    if shots == "auto":
+        plan["threshold"] = config.data.shot_threshold
+    return plan
+
+
+SHOTS_LISTED = 20  # shots listed one per line in the text; --json lists them all
+
+
+def shot_lines(shots):
+    how = {"auto": f"detected (PySceneDetect content detector, threshold {shots.get('threshold')})",
+           "none": "data.shots: none", "given": "as given in data.shots"}[shots["shots"]]
+    listed = shots["list"]
+    windows = sum(shot["windows"] for shot in listed)
+    lines = [f"shots: {len(listed)} ({how}); {windows} sliding window(s), none crossing a cut"]
+    for shot in listed[:SHOTS_LISTED]:
+        lines.append(f"  frames {shot['start']}-{shot['start'] + shot['length'] - 1} ({shot['length']} frames): "
+                     f"{shot['windows']} window(s)")
+    if len(listed) > SHOTS_LISTED:
+        lines.append(f"  … and {len(listed) - SHOTS_LISTED} more (--json lists them all)")
+    return lines
+
+
 # --- the plan ---------------------------------------------------------------------------------------------------------
 
 def existing_parent(path):
@@ -490,7 +530,7 @@ def make_plan(config):
             "disk_peak_bytes_by_policy": policies,
             "vram_peak_bytes": vram, "vram_device_bytes": device_bytes, "vram_note": vram_note,
             "seconds_left": (sum(left) if None not in left else None) if left else (0.0 if folder else None),
-            "stages": rows}
+            "shots": shot_plan(config, stages), "stages": rows}
 
 
 def size_text(count):
@@ -519,6 +559,8 @@ def plan_lines(plan):
     for row in plan["stages"]:
         lines.append(f"  {row['name']:<28} {row['units']:>6} {row['done']:>6} {size_text(row['bytes']):>10} "
                      f"{size_text(row['final_bytes']):>10}  {time_text(row['seconds_left'])}")
+    if "shots" in plan:
+        lines += shot_lines(plan["shots"])
     others = ", ".join(f"{policy} {size_text(peak)}" for policy, peak in plan["disk_peak_bytes_by_policy"].items()
                        if policy != plan["keep"])
     lines.append(f"disk: peak {size_text(plan['disk_peak_bytes'])}, at the end {size_text(plan['disk_final_bytes'])}"

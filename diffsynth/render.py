@@ -15,10 +15,11 @@ from .config import config_json
 from .errors import Interrupted, UserError
 from .executor import executor_for
 from .models.loader import ModelStore
-from .pipeline import RenderContext, build_stages
+from .pipeline import RenderContext, build_stages, shots_line
 from .plan import check_free_space
 from .runner import StopFlag, run_stages
 from .stages.encode import VIDEO_KEY
+from .stages.shots import ShotsStage
 
 log = logging.getLogger("diffsynth")
 
@@ -34,7 +35,7 @@ def render(config, progress=True, verify=False, force=False):
     check_run_folder(run_dir)
     with StopFlag() as stop:  # from here on, SIGINT/SIGTERM mean "stop cleanly" (exit code 3)
         ctx = RenderContext(config, None, ModelStore(config.models))
-        stages = build_stages(ctx)
+        stages = build_stages(ctx, detect=False)  # the disk is checked with one shot when none is detected yet
         if not force:
             check_free_space(config, stages)  # before the run folder is touched: a refusal changes nothing
         cache = ctx.cache = RunCache(run_dir)
@@ -45,9 +46,16 @@ def render(config, progress=True, verify=False, force=False):
                 atomic_write(run_dir / "config.json", config_json(config).encode())
                 log.info("render of %s: %d stages", run_dir, len(stages))
                 cache.set_value("outcome", {"state": "running", "pid": os.getpid()})
+                earlier = None
+                if ctx.shot_starts is None:  # shots: auto, not detected yet: the crop and the detection first
+                    shot_stage = next(stage for stage in stages if isinstance(stage, ShotsStage))
+                    earlier = run_stages([shot_stage.frames, shot_stage], cache, progress=progress, stop=stop,
+                                         partial=True)
+                    stages = build_stages(ctx, detect=False)  # now planned with the stored shots
+                log.info(shots_line(config, ctx.shot_starts, len(stages[0].unit_keys())))
                 with executor_for(config.executor, ctx.device, stages) or nullcontext() as executor:
                     report = run_stages(stages, cache, progress=progress, stop=stop, verify=verify,
-                                        executor=executor)
+                                        executor=executor, earlier=earlier)
                 cache.set_value("outcome", {"state": "complete"})
                 log.info("render complete: %s", run_dir / VIDEO_KEY)
                 print(report.summary, file=sys.stderr, flush=True)

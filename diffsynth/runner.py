@@ -107,19 +107,24 @@ class InputPrefetcher:
         self.cache.prefetched.clear()
 
 
-def run_stages(stages, cache, progress=True, stop=None, verify=False, io_threads=True, executor=None):
+def run_stages(stages, cache, progress=True, stop=None, verify=False, io_threads=True, executor=None,
+               partial=False, earlier=None):
     """Run every stage to completion (or until a stop is requested). `stop`: a StopFlag the caller installed
     earlier (so a signal during its own start-up counts too); by default the runner installs one itself.
     Start-up checks every kept unit's size, and the checksums of the final outputs; `verify` checks every kept
     unit's checksum (slow on a long video: it reads the whole cache). Every read checks the checksum anyway.
     `executor`: a RayExecutor (diffsynth.executor) to run the units on many workers; None runs them here.
+    `partial`: `stages` are the first stages of a plan that is only made once they are done (the shot detection's
+    result decides the sliding windows): the other stages' rows are left alone and nothing is reported yet; the
+    run of the whole plan that follows passes this run's report as `earlier`, so its report counts both.
     Returns a RunReport: how many units were computed and how many were reused from the cache."""
     if stop is None:
         with StopFlag() as stop:
-            return run_stages(stages, cache, progress, stop, verify, io_threads, executor)
+            return run_stages(stages, cache, progress, stop, verify, io_threads, executor, partial, earlier)
     names = [stage.name for stage in stages]
     assert len(set(names)) == len(names), f"duplicate stage names in {names}"
-    cache.forget_other_stages(set(names))
+    if not partial:
+        cache.forget_other_stages(set(names))
     keys = {}
     for position, stage in enumerate(stages):
         keys[stage.name] = stage.unit_keys()
@@ -135,14 +140,15 @@ def run_stages(stages, cache, progress=True, stop=None, verify=False, io_threads
     if unknown:
         log.warning("%d file(s) in the run folder are not the render's (left alone): %s", len(unknown),
                     first_few(unknown))
-    report = RunReport(stages, keys, cache)
+    report = RunReport(stages, keys, cache, earlier)
     report.announce(progress)
     if stop.stop_requested:
         raise Interrupted("stopped before the first unit; run the same command again to resume")
     while not (executor.walk(stages, keys, cache, stop, progress, report) if executor else
-               _walk(stages, keys, cache, stop, progress, report, io_threads)):
+               _walk(stages, keys, cache, stop, progress, report, io_threads, retire=not partial)):
         pass
-    report.finish()
+    if not partial:
+        report.finish()
     return report
 
 
@@ -154,12 +160,16 @@ def first_few(names, count=5):
 class RunReport:
     """What a render reused from the cache and what it computed, per stage, for the log, the console and status."""
 
-    def __init__(self, stages, keys, cache):
+    def __init__(self, stages, keys, cache, earlier=None):
         self.cache = cache
         self.total = {stage.name: len(keys[stage.name]) for stage in stages}
         self.reused = {stage.name: len(keys[stage.name]) - len(_pending(stage, keys, cache)) for stage in stages}
         self.computed = {stage.name: 0 for stage in stages}
         self.executor = None  # what the Ray executor counted (diffsynth.executor.ExecutorCounts.record())
+        for name, count in (earlier.computed if earlier else {}).items():  # computed by the partial run before
+            if name in self.computed:
+                self.computed[name] += count
+                self.reused[name] -= count
 
     @property
     def units_computed(self):
@@ -225,8 +235,9 @@ def _recompute_released_inputs(stages, keys, cache):
     return sum(len(forced_keys) for forced_keys in forced.values())
 
 
-def _walk(stages, keys, cache, stop, progress, report, io_threads):
-    """One pass over the stages; False when it must start again (a corrupt input was found)."""
+def _walk(stages, keys, cache, stop, progress, report, io_threads, retire=True):
+    """One pass over the stages; False when it must start again (a corrupt input was found). `retire`: release
+    the inputs every reader of which is done (not in a partial run: stages not in it may still read them)."""
     _recompute_released_inputs(stages, keys, cache)
     for stage in stages:
         pending = _pending(stage, keys, cache)
@@ -237,7 +248,8 @@ def _walk(stages, keys, cache, stop, progress, report, io_threads):
                 log.warning(str(corrupt))
                 cache.forget_unit(corrupt.stage, corrupt.key)
                 return False
-        _retire_finished_inputs(stage, stages, cache)
+        if retire:
+            _retire_finished_inputs(stage, stages, cache)
     return True
 
 

@@ -1,5 +1,6 @@
 """DDIM (eta 0) and AnimateDiff sliding windows as small pure functions (facts: shared/reference/diffutoon.md)."""
 
+import bisect
 import math
 
 import torch
@@ -51,6 +52,27 @@ def sliding_windows(num_frames, batch_size, stride):
         if end >= num_frames:
             return windows
         start += stride
+
+
+def shot_ranges(shot_starts, num_frames):
+    """[(start, end)] of each shot, from the first frames of the shots (sorted; frame 0 starts the first shot
+    whether listed or not)."""
+    bounds = sorted({0, *shot_starts}) + [num_frames]
+    return list(zip(bounds, bounds[1:]))
+
+
+def shot_of(index, shot_starts, num_frames):
+    """(start, end) of the shot holding frame `index`."""
+    starts = sorted({0, *shot_starts})
+    position = bisect.bisect_right(starts, index) - 1
+    return starts[position], starts[position + 1] if position + 1 < len(starts) else num_frames
+
+
+def shot_windows(shot_starts, num_frames, batch_size, stride):
+    """The sliding windows made inside each shot (a shot shorter than a window is one window): no window holds
+    frames of two shots. One shot gives exactly `sliding_windows`."""
+    return [(start + first, start + end) for start, stop in shot_ranges(shot_starts, num_frames)
+            for first, end in sliding_windows(stop - start, batch_size, stride)]
 
 
 def tent_weight(index, start, end):

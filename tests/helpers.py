@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def small_config(demo_assets, output_folder, **pipeline_inputs):
     """A fast render config on the demo assets: 12 frames at 64×64, two sliding windows, tile + canny, FastBlend
-    on x0 after the first step and on the final frames. The UNet takes a whole window per call (unet_batch_size 8):
+    on x0 after the first step and on the final frames, one shot (data.shots: none). The UNet takes a whole window per call (unet_batch_size 8):
     chunked calls give the same bits on the CPU (tests/test_unet_chunks.py) at about twice the time."""
     models = demo_assets / "models"
     inputs = {"prompt": "a toon cat", "negative_prompt": "blurry", "cfg_scale": 7.0, "clip_skip": 2,
@@ -32,7 +32,9 @@ def small_config(demo_assets, output_folder, **pipeline_inputs):
                    "device": "cpu"},
         "data": {"input_frames": {"video_file": str(demo_assets / "clip.mp4"), "width": 64, "height": 64,
                                   "start_frame_id": 0, "end_frame_id": 12},
-                 "output_folder": str(output_folder)},
+                 # One shot, as the original: the shots stage has its own tests (tests/test_shots.py, which also
+                 # shows auto gives this render's bytes on this clip without cuts).
+                 "output_folder": str(output_folder), "shots": "none"},
         "pipeline": {"seed": 3, "pipeline_inputs": inputs},
         "smoother_configs": [{"processor_type": "FastBlend", "config": {
             "inference_mode": "fast", "window_size": 3, "minimum_patch_size": 3, "num_iter": 2}}],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -50,12 +51,21 @@ def unit_seed(key: str, call: int) -> int:
 
 
 class SmoothingPlan:
-    def __init__(self, num_frames: int, config: FastBlendConfig, device: torch.device | str = "cpu") -> None:
+    """FastBlend over ``num_frames`` frames. ``shot_starts``: the first frame of each shot of the video; every unit
+    draws its frames from its own shot only (a frame's window, a table's block and the keyframes a frame is
+    interpolated from all stop at the cuts), as if each shot were a video of its own. One shot (the default) is the
+    original's plan."""
+
+    def __init__(self, num_frames: int, config: FastBlendConfig, device: torch.device | str = "cpu",
+                 shot_starts: Sequence[int] = (0,)) -> None:
         if num_frames < 1:
             raise ValueError("num_frames must be >= 1")
         self.num_frames = num_frames
         self.config = config
         self.device = torch.device(device)
+        self.shot_starts = sorted({0, *shot_starts})
+        if self.shot_starts[-1] >= num_frames:
+            raise ValueError(f"shot start {self.shot_starts[-1]} out of range for {num_frames} frames")
         self.params = PatchMatchParams(
             minimum_patch_size=config.minimum_patch_size,
             num_iter=config.num_iter,
@@ -68,6 +78,10 @@ class SmoothingPlan:
             self.keyframes = config.keyframe_ids
             if self.keyframes[-1] >= num_frames:
                 raise ValueError(f"keyframe id {self.keyframes[-1]} out of range for {num_frames} frames")
+            for first, end in self.shots():
+                if not self._shot_keyframes(first):
+                    raise ValueError(f"the shot of frames {first} to {end - 1} holds no keyframe (interpolation "
+                                     "draws each frame from keyframes of its own shot)")
         self._keys = self._build_order()
         self._position = {key: i for i, key in enumerate(self._keys)}
         self._build_release_schedule()
@@ -75,9 +89,26 @@ class SmoothingPlan:
     # ----------------------------------------------------------------------------------------------------------
     # Unit order and bookkeeping
 
+    def shots(self) -> list[tuple[int, int]]:
+        """[(first, end)] of each shot."""
+        bounds = self.shot_starts + [self.num_frames]
+        return list(zip(bounds, bounds[1:]))
+
+    def _shot(self, t: int) -> tuple[int, int]:
+        """(first, last) frame of frame ``t``'s shot."""
+        position = bisect.bisect_right(self.shot_starts, t) - 1
+        bounds = self.shot_starts + [self.num_frames]
+        return bounds[position], bounds[position + 1] - 1
+
     def _window(self, t: int) -> tuple[int, int]:
         w = self.config.window_size
-        return max(0, t - w), min(self.num_frames - 1, t + w)
+        first, last = self._shot(t)
+        return max(first, t - w), min(last, t + w)
+
+    def _shot_keyframes(self, t: int) -> tuple[int, ...]:
+        """Interpolation: the keyframes of frame ``t``'s shot."""
+        first, last = self._shot(t)
+        return self.keyframes[bisect.bisect_left(self.keyframes, first) : bisect.bisect_right(self.keyframes, last)]
 
     def _query_blocks(self, t: int) -> tuple[list[blk.Block], list[blk.Block]]:
         """Fast mode: forward blocks covering [t - window, t] and backward blocks covering [t, t + window]."""
@@ -139,8 +170,9 @@ class SmoothingPlan:
         if self.config.inference_mode != "interpolation":
             first, last = self._window(t)
             return list(range(first, last + 1))
-        position = bisect.bisect_left(self.keyframes, t)
-        neighbours = self.keyframes[max(0, position - 1) : position + 1]
+        keys = self._shot_keyframes(t)
+        position = bisect.bisect_left(keys, t)
+        neighbours = keys[max(0, position - 1) : position + 1]
         return sorted({t, *neighbours})
 
     def releasable_after(self, done_keys_prefix_len: int) -> list[str]:
@@ -217,8 +249,9 @@ class SmoothingPlan:
     def _interpolation(self, key: str, t: int, frames: FrameAccess) -> torch.Tensor:
         """As the original's interpolation mode: a frame between keyframes l and r is the blend of both keyframes'
         styles warped to it, matched together (the pairwise error: the two warps must agree), weighted by
-        distance; before the first and after the last keyframe, that keyframe warped (paired with itself)."""
-        keys = self.keyframes
+        distance; before the first and after the last keyframe, that keyframe warped (paired with itself). The
+        keyframes are those of the frame's own shot: each shot has its own first and last."""
+        keys = self._shot_keyframes(t)
         if t in keys:
             return self._frame(frames.style(t)).clone()
         position = bisect.bisect_left(keys, t)

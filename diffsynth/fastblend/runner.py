@@ -61,18 +61,20 @@ def smooth_in_memory(
     config: FastBlendConfig,
     device: torch.device | str = "cpu",
     table_dtype: torch.dtype = torch.float16,
+    shot_starts: Sequence[int] = (0,),
 ) -> list[torch.Tensor]:
     """Run FastBlend on in-memory frames: guide and style are lists of (H, W, 3) tensors, 0..255.
 
     For "interpolation", ``style`` is either one entry per frame (None or anything at non-keyframes; only the
     keyframes are read) or one entry per keyframe id, in ``config.keyframe_ids`` order.
     Returns the smoothed frames, (H, W, 3) float32 on ``device``. Tables are dropped as soon as they are
-    releasable and are stored as ``table_dtype`` in between, like the disk-backed pipeline does.
+    releasable and are stored as ``table_dtype`` in between, like the disk-backed pipeline does. ``shot_starts``:
+    the first frame of each shot; no frame draws from another shot (SmoothingPlan).
     """
     num_frames = len(guide)
     frames = ListFrames(guide, _expand_style(style, num_frames, config), device)
     tables = DictTables(table_dtype)
-    plan = SmoothingPlan(num_frames, config, device)
+    plan = SmoothingPlan(num_frames, config, device, shot_starts)
     output: list[torch.Tensor | None] = [None] * num_frames
     for position, key in enumerate(plan.unit_keys()):
         result = plan.compute(key, frames, tables)

@@ -23,7 +23,8 @@ from ..schedule import (
     alphas_cumprod,
     ddim_step,
     eps_from_x0,
-    sliding_windows,
+    shot_of,
+    shot_windows,
     tent_weight,
     timesteps,
     windows_containing,
@@ -42,12 +43,13 @@ def denoising_schedule(ctx):
     return steps, alpha_t, alpha_t[1:] + [1.0]
 
 
-def window_plan(ctx, num_frames):
+def window_plan(ctx, num_frames, shot_starts=(0,)):
+    """The sliding windows, made inside each shot (`shot_starts`: the first frame of each)."""
     inputs = ctx.config.pipeline.pipeline_inputs
     if ctx.models.has_motion_module and inputs.animatediff_batch_size > ctx.models.motion_max_frames:
         raise UserError(f"pipeline.pipeline_inputs.animatediff_batch_size {inputs.animatediff_batch_size} is longer "
                         f"than the motion module's {ctx.models.motion_max_frames} frames; use at most that")
-    return sliding_windows(num_frames, inputs.animatediff_batch_size, inputs.animatediff_stride)
+    return shot_windows(shot_starts, num_frames, inputs.animatediff_batch_size, inputs.animatediff_stride)
 
 
 def resolved_batch_sizes(ctx):
@@ -65,13 +67,14 @@ class DenoiseWindowsStage(Stage):
     version = "3"
     ephemeral = True
 
-    def __init__(self, ctx, step_index, latents, prompts, control_sources, num_frames):
+    def __init__(self, ctx, step_index, latents, prompts, control_sources, num_frames, shot_starts=(0,)):
         super().__init__(ctx, [latents, prompts, *control_sources])
         self.name = f"denoise.{step_index:03d}.windows"
         self.step_index = step_index
         self.latents, self.prompts, self.control_sources = latents, prompts, control_sources
         self.num_frames = num_frames
-        self.windows = window_plan(ctx, num_frames)
+        self.shot_starts = sorted({0, *shot_starts})
+        self.windows = window_plan(ctx, num_frames, self.shot_starts)
         self.timestep = denoising_schedule(ctx)[0][step_index]
         self.prompt_timeline = PromptTimeline(prompts)
         self.unet_batch_size, self.controlnet_batch_size = resolved_batch_sizes(ctx)
@@ -83,6 +86,9 @@ class DenoiseWindowsStage(Stage):
                 "controlnet_batch_size": self.controlnet_batch_size, "unet_batch_size": self.unet_batch_size,
                 "models": self.ctx.models.identity("unet"), "dtype": str(self.ctx.models.dtype),
                 **({"cross_frame_attention": True} if inputs.cross_frame_attention else {}),
+                # Only with cuts, so a video of one shot keeps its fingerprint (the ControlNet groups follow the
+                # shots even where the windows come out the same).
+                **({"shot_starts": self.shot_starts} if len(self.shot_starts) > 1 else {}),
                 **({"cfg_halves": "apart"} if inputs.cfg_halves == "apart" else {})}
 
     @staticmethod
@@ -234,8 +240,9 @@ class ControlNetResiduals:
     a step is the same in both. Never on disk: they are large.
 
     A frame's residuals are computed in a group of frames decided by the frame index alone (frames
-    [g·B, (g+1)·B) for controlnet_batch_size B), one CFG half at a time, so its bits never depend on which window
-    asked first, or on where a resumed render started. Where B divides the window stride and length, these are
+    [s + g·B, s + (g+1)·B) of the shot starting at frame s, for controlnet_batch_size B, cut at the shot's end), one
+    CFG half at a time, so its bits never depend on which window asked first, or on where a resumed render started,
+    and a window never reads a frame of another shot. Where B divides the window stride and length, these are
     exactly the ControlNet calls made without reuse.
 
     Memory, whatever order windows arrive in (with many workers a worker gets a block of windows, and windows of
@@ -264,22 +271,29 @@ class ControlNetResiduals:
     def __init__(self, stage, num_frames):
         self.stage, self.num_frames = stage, num_frames
         self.group = stage.controlnet_batch_size
+        self.shot_starts = getattr(stage, "shot_starts", [0])
         self.kept = {}  # frame index → ([down residual per level], mid residual), each (2 halves, C, h, w)
 
     def __getstate__(self):  # shipped to a Ray worker before any residual exists; never ship tensors
         return {**self.__dict__, "kept": {}}
 
+    def groups(self, start, end):
+        """[(first, end)] of the groups holding frames [start, end) (frames of one shot)."""
+        shot_start, shot_end = shot_of(start, self.shot_starts, self.num_frames)
+        first = shot_start + (start - shot_start) // self.group * self.group
+        return [(group, min(group + self.group, shot_end)) for group in range(first, end, self.group)]
+
     def frames_computed_with(self, start, end):
         """The frames whose inputs computing window [start, end)'s residuals may read: the groups it touches."""
         if not self.stage.control_sources:
             return []
-        first = start // self.group * self.group
-        last = min(-(-end // self.group) * self.group, self.num_frames)
-        return list(range(first, last))
+        groups = self.groups(start, end)
+        return list(range(groups[0][0], groups[-1][1]))
 
     def keep_for(self, start, end):
         """Keep only what window [start, end) (the next one) can reuse: its frames and the rest of its last group."""
-        end = min(-(-end // self.group) * self.group, self.num_frames)
+        groups = self.groups(start, end) if start < end else []  # (end, end) after the last window: keep nothing
+        end = groups[-1][1] if groups else end
         for index in [i for i in self.kept if not start <= i < end]:
             del self.kept[index]
 
@@ -297,9 +311,9 @@ class ControlNetResiduals:
         if not self.stage.control_sources:
             return None, None
         self._hold()
-        for first in range(start // self.group * self.group, end, self.group):
-            if any(i not in self.kept for i in range(max(first, start), end) if i < first + self.group):
-                self._compute_group(first, min(first + self.group, self.num_frames), frame_embeddings)
+        for first, group_end in self.groups(start, end):
+            if any(i not in self.kept for i in range(max(first, start), min(end, group_end))):
+                self._compute_group(first, group_end, frame_embeddings)
         frames = [self.kept[i] for i in range(start, end)]
         levels = len(frames[0][0])
         down = [torch.cat([f[0][level][half:half + 1] for half in (0, 1) for f in frames]) for level in range(levels)]

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from ..cache import image_to_bytes, tensors_to_bytes
+from ..errors import UserError
 from ..fastblend import FastBlendConfig, SmoothingPlan, kernels
 from ..fastblend import frame_key as plan_frame_key
 from ..models.loader import device_kind
@@ -82,12 +83,18 @@ class SmoothStage(Stage):
     version = "2"  # 2: frames stored zstd-compressed (cache.image_to_bytes); tables unchanged (float16 safetensors)
     prefetch_inputs = False  # frames come through its own window-sized LRU; prefetching a window per unit would hold too much
 
-    def __init__(self, ctx, name, guide, style, settings, ephemeral=False):
+    def __init__(self, ctx, name, guide, style, settings, ephemeral=False, shot_starts=(0,)):
         super().__init__(ctx, [guide, style])
         self.name, self.guide, self.style, self.ephemeral = name, guide, style, ephemeral
         self.config = fastblend_config(settings)
         self.device = ctx.device
-        self.plan = SmoothingPlan(len(guide.unit_keys()), self.config, device=self.device)
+        self.shot_starts = sorted({0, *shot_starts})
+        try:
+            self.plan = SmoothingPlan(len(guide.unit_keys()), self.config, device=self.device,
+                                      shot_starts=self.shot_starts)
+        except ValueError as error:  # interpolation keyframes out of range, or a shot without one
+            raise UserError(f"smoother_configs FastBlend: {error}; give keyframe_ids inside the rendered range, "
+                            "at least one in every shot (see data.shots)") from None
         self._plan_keys = self.plan.unit_keys()
         self._position = {self._cache_key(key): i for i, key in enumerate(self._plan_keys)}
         self._table_keys = [key for key in self._plan_keys if not key.startswith(PLAN_FRAME_PREFIX)]
@@ -98,6 +105,8 @@ class SmoothStage(Stage):
         params = {"fastblend": asdict(self.config), "device": device_kind(self.device)}
         if kernels.backend_name(self.device) != "torch":
             params["kernels"] = kernels.backend_name(self.device)
+        if len(self.shot_starts) > 1:  # only with cuts: a video of one shot keeps its fingerprint
+            params["shot_starts"] = self.shot_starts
         return params
 
     @staticmethod
