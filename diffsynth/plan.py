@@ -455,7 +455,7 @@ SHOTS_LISTED = 20  # shots listed one per line in the text; --json lists them al
 
 
 def shot_lines(shots):
-    how = {"auto": f"detected (PySceneDetect content detector, threshold {shots.get('threshold')})",
+    how = {"auto": f"detected by PySceneDetect's content detector, threshold {shots.get('threshold')}",
            "none": "data.shots: none", "given": "as given in data.shots"}[shots["shots"]]
     listed = shots["list"]
     windows = sum(shot["windows"] for shot in listed)
