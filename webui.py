@@ -297,6 +297,8 @@ def draw_leaf(spec, path, errors):
         st.text_area(label, key=key, help=help_text, height=80)
     elif spec.kind == "number_list":
         st.text_input(label + " (comma-separated)", key=key, help=help_text)
+    elif spec.kind == "word_or_numbers":
+        st.text_input(label, key=key, help=help_text + f" ({' or '.join(spec.choices)}, or numbers separated by commas)")
     elif spec.kind == "dict":
         st.text_area(label + " (YAML mapping)", key=key, help=help_text, height=80)
     else:
@@ -543,8 +545,9 @@ def stage_rows(stages, steps):
              "on disk (MB)": round(s["bytes"] / 1e6, 2), "stage id": s["name"]} for s in stages]
 
 
-def draw_frames(run_dir, frames):
-    """The newest finished frame beside the source frame it was made from, and a scrubber over finished frames."""
+def draw_frames(run_dir, frames, shots=None, num_frames=None):
+    """The newest finished frame beside the source frame it was made from, and a scrubber over finished frames
+    with the shot boundaries on its track."""
     if not frames:
         return
     newest = frames[-1]
@@ -554,6 +557,9 @@ def draw_frames(run_dir, frames):
         if not follow:
             index = st.slider("Finished frame", frames[0], newest, value=newest, key=f"scrub:{run_dir.name}")
             index = max((f for f in frames if f <= index), default=frames[0])  # the nearest finished one
+    if num_frames:
+        st.image(R.shot_strip(num_frames, frames, shots, index), width="stretch")
+        st.caption(R.shot_caption(shots, num_frames, index) + " (red: a new shot starts)")
     result_col, source_col = st.columns(2)
     for column, file, caption in (
             (result_col, R.output_frame_file(run_dir, index), f"result, frame {index}"),
@@ -598,7 +604,8 @@ def draw_progress(run_dir, refreshing):
         do_resume(run_dir)
         st.rerun(scope="app")
 
-    draw_frames(run_dir, report["frames"])
+    frames_total = next((s["total"] for s in report["stages"] if s["name"] == "crop"), None)
+    draw_frames(run_dir, report["frames"], report.get("shots"), frames_total)
     if report["stages"]:
         rows = stage_rows(report["stages"], steps)
         st.dataframe(rows, hide_index=True, width="stretch", height=38 + 35 * len(rows), column_config={

@@ -208,3 +208,42 @@ def yaml_config(small_render, run):
     config = yaml.safe_load((small_render / "config.yaml").read_text())
     config["data"].update(output_folder=str(run), shots="auto")
     return write_config(run.parent / "auto.yaml", config)
+
+
+def test_web_ui_marks_the_shot_boundaries_on_the_frame_scrubber(cut_clip, tmp_path):
+    from diffsynth.webui import runs
+    run = tmp_path / "run"
+    cache, crop, shots = front_stages(run, cut_clip, 27.0)
+    try:
+        run_stages([crop, shots], cache, progress=False)
+    finally:
+        cache.close()
+    (run / "config.json").write_text('{"data": {"shots": "auto"}}')
+    report = runs.read_progress(run)
+    assert report["shots"] == [0, *CUTS]
+    strip = runs.shot_strip(80, list(range(40)), report["shots"], index=20, width=160)
+    red = [column for column in range(160) if tuple(strip[0, column]) == (230, 40, 40)]
+    assert red == [2 * cut for cut in CUTS]
+    assert runs.shot_caption(report["shots"], 80, 20).startswith("frame 20 is in shot 2 of 4 (frames 16–31)")
+    (run / "config.json").write_text('{"data": {"shots": [10]}}')
+    assert runs.read_progress(run)["shots"] == [0, 10]
+
+
+def test_smooth_command_honours_shots(tmp_path, one_torch_thread):
+    """`diffsynth smooth --shots auto`: the cuts detected on the guide (a cached unit of its run folder), and no
+    FastBlend window blends two shots."""
+    frames, cuts = cut_clip_frames(32, 24)
+    frames, cuts = frames[:40], cuts[:2]  # two cuts are enough here: 40 frames to smooth
+    guide = write_frames_clip(tmp_path / "guide.mp4", frames)
+    assert main(["smooth", "--guide", str(guide), "--style", str(guide), "-o", str(tmp_path / "out.mp4"),
+                 "--shots", "auto", "--window-size", "2", "--num-iter", "1", "--minimum-patch-size", "3",
+                 "--no-progress"]) == 0
+    cache = RunCache(tmp_path / "out.smooth-run")
+    try:
+        assert bytes_to_shots(cache.read("shots", SHOTS_KEY)) == [0, *cuts]
+        tables = [key for key in cache.done_keys("smooth") if key.startswith("table")]
+    finally:
+        cache.close()
+    shot = [max(start for start in [0, *cuts] if start <= i) for i in range(len(frames))]
+    assert tables and all(shot[parse_table_key(key[:-len(".safetensors")]).first]
+                          == shot[parse_table_key(key[:-len(".safetensors")]).last] for key in tables)

@@ -26,7 +26,8 @@ TEXT_AREA_FIELDS = {"prompt", "negative_prompt"}
 @dataclass
 class FieldSpec:
     name: str
-    kind: str            # section, list_section, int, float, bool, str, text, choice, str_list, number_list, dict
+    kind: str            # section, list_section, int, float, bool, str, text, choice, str_list, number_list,
+    #                      dict, word_or_numbers (a word of `choices` or a list of numbers: data.shots)
     optional: bool       # None is allowed
     required: bool       # no default in the schema
     default: Any         # the schema's default (None when required or None)
@@ -84,6 +85,12 @@ def field_spec(name, info):
         models = typing.get_args(annotation)  # the smoother chain's config: FastBlendSettings | EnhanceSettings
         default_model = type(spec["default"]) if type(spec["default"]) in models else models[0]
         return FieldSpec(kind="section", model=default_model, models=models, **spec)
+    if origin in (typing.Union, types.UnionType):
+        words = [a for a in typing.get_args(annotation) if typing.get_origin(a) is Literal]
+        lists = [a for a in typing.get_args(annotation) if typing.get_origin(a) is list]
+        if words and lists:  # data.shots: a word (auto, none) or numbers (frame indices), in one box
+            return FieldSpec(kind="word_or_numbers", choices=tuple(w for a in words for w in typing.get_args(a)),
+                             **spec)
     if origin is Literal:
         return FieldSpec(kind="choice", choices=tuple(typing.get_args(annotation)), **spec)
     if origin is list:
@@ -185,7 +192,7 @@ def to_widget_value(spec, value):
         return bool(value)
     if spec.kind == "str_list":
         return [str(v) for v in (value or [])]
-    if spec.kind == "number_list":
+    if spec.kind in ("number_list", "word_or_numbers"):
         return _format_number_list(value) if isinstance(value, list) else str(value or "")
     if spec.kind == "dict":
         return yaml.safe_dump(value, sort_keys=False).strip() if value else ""
@@ -216,7 +223,9 @@ def from_widget_value(spec, value):
     if spec.kind in ("str", "text"):
         value = "" if value is None else value
         return None if spec.optional and value.strip() == "" else value
-    if spec.kind == "number_list":
+    if spec.kind == "word_or_numbers" and (value or "").strip() in spec.choices:
+        return value.strip()
+    if spec.kind in ("number_list", "word_or_numbers"):
         text = (value or "").strip()
         if not text:
             return []

@@ -22,6 +22,8 @@ FIELDS = {
     "data.crf": ("Video quality (CRF, lower is better)", False),
     "data.save_frames": ("Also save every frame as a PNG", False),
     "data.keep": ("Keep on disk", False),
+    "data.shots": ("Shots (auto = find the cuts, none, or the frames where a new shot starts)", False),
+    "data.shot_threshold": ("Cut detection threshold", False),
     "models.model_list": ("Base model and motion module", True),
     "models.controlnet_units": ("ControlNet guides", True),
     "models.controlnet_units.*.processor_id": ("Guide type", True),

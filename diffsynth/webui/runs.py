@@ -263,13 +263,56 @@ def read_manifest(run_dir, with_timings=True):
         outcome = json.loads(row[0]) if row else {}
         frame_rows = db.execute(
             "SELECT stage, key FROM units WHERE stage IN ('encode', 'vae_decode') AND size > 0").fetchall()
+        shots = detected_shots(db, run_dir)
         timings = _run_timings(run_dir, db) if with_timings else None
     except (sqlite3.Error, ValueError, OSError):
         return None
     finally:
         db.close()
-    return {"stages": stages, "outcome": outcome, "timings": timings,
+    return {"stages": stages, "outcome": outcome, "timings": timings, "shots": shots,
             "frames": sorted({index for index in map(_frame_of_row, frame_rows) if index is not None})}
+
+
+def detected_shots(db, run_dir):
+    """The first frame of each shot the render planned with: the shots stage's result (data.shots: auto), else
+    the shots its config.json gives (none: one shot; a list); None while not known yet."""
+    from ..cache import CorruptUnit, read_unit
+    from ..stages.shots import SHOTS_KEY, ShotsStage, bytes_to_shots
+    try:
+        shots = json.loads((Path(run_dir) / "config.json").read_text())["data"].get("shots", "auto")
+    except (OSError, ValueError, KeyError, TypeError):
+        shots = "auto"
+    if shots == "none":
+        return [0]
+    if isinstance(shots, list):
+        return sorted({0, *shots})
+    try:
+        return bytes_to_shots(read_unit(db, run_dir, ShotsStage.name, SHOTS_KEY))
+    except (CorruptUnit, OSError, ValueError, KeyError):
+        return None
+
+
+def shot_strip(num_frames, finished, shot_starts, index, width=640, height=14):
+    """uint8 (height, width, 3) picture of the frame scrubber's track: finished frames light, the others dark, a
+    red line where each new shot starts, and the frame shown in white."""
+    strip = np.full((height, width, 3), 60, np.uint8)
+    column = lambda frame: min(width - 1, frame * width // max(1, num_frames))  # noqa: E731
+    for frame in finished:
+        strip[3:-3, column(frame):column(frame + 1) + 1] = 170
+    for start in (shot_starts or [0])[1:]:
+        strip[:, column(start)] = (230, 40, 40)
+    strip[:, max(0, column(index) - 1):column(index) + 2] = 255
+    return strip
+
+
+def shot_caption(shot_starts, num_frames, index):
+    """"frame 20 is in shot 2 of 4 (frames 16–31); new shots at 16, 32, 64"."""
+    if not shot_starts:
+        return "shots: not detected yet"
+    position = max(i for i, start in enumerate(shot_starts) if start <= index)
+    end = shot_starts[position + 1] if position + 1 < len(shot_starts) else num_frames
+    text = f"frame {index} is in shot {position + 1} of {len(shot_starts)} (frames {shot_starts[position]}–{end - 1})"
+    return text + (f"; new shots at {', '.join(map(str, shot_starts[1:]))}" if len(shot_starts) > 1 else "")
 
 
 def _frame_of_row(row):
@@ -391,7 +434,7 @@ def read_progress(run_dir, with_timings=True):
     interrupted or failed. Without timings (the runs list), the metrics are left empty."""
     run_dir = Path(run_dir)
     report = {"run_dir": str(run_dir), "name": run_dir.name, "state": "new", "stages": [], "message": None,
-              "video": None, "frames": [], "log": "", "process_log": tail(run_dir / PROCESS_LOG, 15),
+              "video": None, "frames": [], "shots": None, "log": "", "process_log": tail(run_dir / PROCESS_LOG, 15),
               "pid": render_pid(run_dir), "metrics": progress_metrics([], [])}
     manifest = read_manifest(run_dir, with_timings)
     if manifest is not None:
@@ -404,7 +447,7 @@ def read_progress(run_dir, with_timings=True):
         else:  # a killed process recorded nothing after "running": that is an interruption too
             state = "failed" if outcome.get("state") == "failed" else "interrupted"
         report.update(state=state, stages=stages, message=outcome.get("message"), frames=manifest["frames"],
-                      video=str(run_dir / "video.mp4") if complete else None)
+                      shots=manifest["shots"], video=str(run_dir / "video.mp4") if complete else None)
         timings = manifest["timings"]
         if timings is not None:
             report["metrics"] = progress_metrics(stages, timings.units(), elapsed_seconds=timings.elapsed)
