@@ -63,6 +63,7 @@ def cut_clip_frames(width=64, height=48, shot_length=16, dissolve=24):
 
 def write_frames_clip(path, frames, fps=12):
     """An H.264 clip of uint8 RGB frames (crf 12, no audio)."""
+    import av  # here, as in write_synthetic_clip
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = frames[0].shape[:2]
