@@ -11,6 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from diffsynth.config import read_text
 from diffsynth.errors import UserError
 from diffsynth.webui import form as F
 from diffsynth.webui import labels as L
@@ -127,7 +128,7 @@ def load_config_file():
         return
     try:
         path = confine(choice, settings, "configs")
-        data, problems = F.load_config_text(path.read_text(), path.parent)
+        data, problems = F.load_config_text(read_text(path), path.parent)
     except (UserError, OSError) as error:
         notify("error", f"Cannot load {choice}: {error}")
         return
@@ -279,6 +280,13 @@ def draw_leaf(spec, path, errors):
         current = ss.get(key) or ""
         options = [""] + sorted(set(list_models(settings)) | ({current} if current else set()))
         st.selectbox(label, options, key=key, help=help_text, format_func=lambda v: v or "(choose…)")
+    elif F.dotted(path) == "executor.address":  # only the server's own clusters: never typed (Ray sends pickles)
+        options = [""] + list(settings.ray_addresses)
+        if ss.get(key) not in options:
+            ss[key] = ""
+        st.selectbox(label, options, key=key, format_func=lambda v: v or "(this machine only)",
+                     help=help_text + " — the clusters listed in the server's settings (ray_addresses in "
+                                      "webui-settings.yaml, or DIFFSYNTH_WEBUI_RAY_ADDRESSES)")
     elif spec.kind == "choice":
         st.selectbox(label, list(spec.choices), key=key, help=help_text)
     elif spec.kind == "bool":

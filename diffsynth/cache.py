@@ -204,7 +204,7 @@ def image_to_png(array):
 def is_locked(run_dir):
     """True while some process holds the run folder's lock (used by `status` and the web UI)."""
     lock_path = Path(run_dir) / "lock"
-    if not lock_path.exists():
+    if not lock_path.is_file():
         return False
     with open(lock_path, "a+") as probe:
         try:  # shared: probes never block each other; a render taking the lock retries past a probe's moment
@@ -278,8 +278,8 @@ def read_stored_unit(run_dir, stage, stage_fingerprint, key):
     if not manifest.is_file():
         return None
     try:
-        db = sqlite3.connect(f"file:{manifest}?mode=ro", uri=True, timeout=30)
-    except sqlite3.Error:
+        db = open_manifest(run_dir, read_only=True)  # creates no -wal/-shm (plain mode=ro would)
+    except UserError:
         return None
     try:
         row = db.execute("SELECT fingerprint FROM stages WHERE name = ?", (stage,)).fetchone()
@@ -294,11 +294,25 @@ def read_stored_unit(run_dir, stage, stage_fingerprint, key):
 
 def check_run_folder(run_dir):
     """A render may use a folder that does not exist yet, an empty one, or a run folder (one with our manifest).
-    Anything else holds someone's files, which a render must never touch: refuse it (UserError)."""
+    Anything else holds someone's files, which a render must never touch: refuse it (UserError). Checked before
+    any work starts: the folder's place (through symbolic links), the run folder's own files, its manifest."""
     run_dir = Path(run_dir)
+    try:
+        os.stat(run_dir)
+    except FileNotFoundError:
+        if os.path.islink(run_dir):
+            raise UserError(f"output folder {run_dir} is a symbolic link to {os.readlink(run_dir)}, which does not "
+                            "exist; create its target or set data.output_folder to a real folder") from None
+    except NotADirectoryError:
+        raise UserError(f"output folder {run_dir}: a part of that path is a file, not a folder; set "
+                        "data.output_folder to a new or empty folder") from None
+    except OSError as error:  # ELOOP: a symbolic link loop; EACCES: a folder on the way that cannot be entered
+        raise UserError(f"output folder {run_dir} cannot be reached ({os.strerror(error.errno)}); set "
+                        "data.output_folder to a new or empty folder") from None
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"output folder {run_dir} is a file, not a folder; set data.output_folder to a new or "
                         "empty folder")
+    check_not_inside_a_run(run_dir)
     kind = filesystem_type(run_dir)
     if kind in NETWORK_FILESYSTEMS:
         raise UserError(f"output folder {run_dir} is on a network filesystem ({kind}), where the manifest's SQLite "
@@ -310,6 +324,120 @@ def check_run_folder(run_dir):
             raise UserError(f"output folder {run_dir} already holds files that are not a render's ({shown}); set "
                             "data.output_folder to a new or empty folder (a render writes only into its own run "
                             "folder)")
+    if (run_dir / MANIFEST).is_file():
+        check_run_files(run_dir)
+        check_manifest(run_dir)  # a damaged manifest is refused before any work starts
+
+
+# What a run folder holds besides its manifest, and what each must be; anything else in its place is not ours.
+RUN_FILES = {"config.json": "file", "render.log": "file", "lock": "file", "video.mp4": "file", "cache": "folder",
+             "frames": "folder", MANIFEST + "-wal": "file", MANIFEST + "-shm": "file"}
+
+
+def check_run_files(run_dir):
+    """Each of the run folder's own names, where present, is what the render will write there (a folder named
+    config.json would fail the render half-way, after work was done)."""
+    for name, kind in RUN_FILES.items():
+        path = Path(run_dir) / name
+        if not os.path.lexists(path):
+            continue
+        if path.is_symlink() or (path.is_dir() if kind == "file" else not path.is_dir()):
+            what = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else "a file"
+            raise UserError(f"{path} is {what}, where the run folder keeps its {name} {kind}; move it out of the "
+                            "run folder (nothing the render made is lost)")
+
+
+def check_not_inside_a_run(run_dir):
+    """A run folder must not lie inside another run folder's cache/ or frames/ (resolved through symbolic links):
+    that run owns those folders, lists what it does not know there and deletes what its manifest says it wrote."""
+    place = Path(os.path.realpath(Path(run_dir).absolute()))  # through links; a tail not made yet kept
+    for folder in (place, *place.parents):
+        if folder.name in ("cache", "frames") and (folder.parent / MANIFEST).is_file():
+            raise UserError(f"output folder {run_dir} lies inside the {folder.name}/ of the run folder "
+                            f"{folder.parent}, which belongs to that run; set data.output_folder to a folder "
+                            "outside it (e.g. beside it)")
+
+
+NOT_A_MANIFEST = "{path} is not a run manifest (damaged?): move it away to start over, or restore it"
+
+
+def open_manifest(run_dir, read_only=False, timeout=30):
+    """A connection to the run folder's manifest, checked: a file that is not SQLite, or a SQLite database whose
+    tables are not a manifest's (someone else's database), is refused with one line (UserError) and never changed.
+
+    `read_only` (status, plan, the web UI's polling) changes nothing in the folder. SQLite's plain `mode=ro` would
+    still create the -wal and -shm files, so: with no -wal (a finished render, or none yet) the file is opened
+    `immutable`; with a live render (it holds the lock) `mode=ro`, taking part in the WAL's locking as every reader
+    must (it marks its snapshot in the -shm; the manifest and the -wal are not written); with a -wal a killed render
+    left behind, the manifest and that -wal are read from a private copy (its committed rows are in the -wal, and
+    opening it in place would rebuild the -shm)."""
+    manifest = Path(run_dir) / MANIFEST
+    try:
+        if not read_only:
+            db = sqlite3.connect(manifest, isolation_level=None, timeout=timeout)
+        elif not Path(str(manifest) + "-wal").exists():
+            db = sqlite3.connect(f"file:{_uri_path(manifest)}?mode=ro&immutable=1", uri=True, isolation_level=None,
+                                 check_same_thread=False)
+        elif is_locked(run_dir):
+            db = sqlite3.connect(f"file:{_uri_path(manifest)}?mode=ro", uri=True, isolation_level=None,
+                                 timeout=timeout, check_same_thread=False)
+        else:
+            db = _private_copy(manifest)
+    except sqlite3.Error:
+        raise UserError(NOT_A_MANIFEST.format(path=manifest)) from None
+    try:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as error:
+        db.close()
+        if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
+            raise UserError(f"{manifest} is locked by another process for longer than {timeout} s; wait for it "
+                            "or stop it, then run the same command again") from None
+        raise UserError(NOT_A_MANIFEST.format(path=manifest)) from None
+    if tables and not MANIFEST_TABLES <= tables:  # no tables at all: a render stopped before making them
+        db.close()
+        raise UserError(NOT_A_MANIFEST.format(path=manifest))
+    return db
+
+
+def _private_copy(manifest):
+    """The manifest with a killed render's -wal applied, in memory: copied (manifest and -wal) to a temporary
+    folder, read there, and the copy deleted. The run folder's files are only read."""
+    import shutil
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="diffsynth-manifest-") as folder:
+        copy = Path(folder) / MANIFEST
+        shutil.copyfile(manifest, copy)
+        shutil.copyfile(str(manifest) + "-wal", str(copy) + "-wal")
+        source = sqlite3.connect(copy)
+        try:
+            db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            source.backup(db)
+        finally:
+            source.close()
+    return db
+
+
+MANIFEST_TABLES = {"stages", "units", "run", "pending_writes"}
+
+
+def check_manifest(run_dir):
+    """Refuse (UserError) a manifest that is not one, or whose pages are damaged (SQLite's quick_check reads every
+    page once: milliseconds for a long video's manifest), before a render starts work on it; changes nothing."""
+    db = open_manifest(run_dir, read_only=True)
+    try:
+        result = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+    except sqlite3.DatabaseError:
+        result = "unreadable"
+    finally:
+        db.close()
+    if result != "ok":
+        raise UserError(NOT_A_MANIFEST.format(path=Path(run_dir) / MANIFEST))
+
+
+def _uri_path(path):
+    """A file path as SQLite's URI wants it (%, ?, # escaped)."""
+    from urllib.parse import quote
+    return quote(str(Path(path).absolute()))
 
 
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "fuse.sshfs", "fuse.rclone",
@@ -347,7 +475,7 @@ class RunCache:
         check_run_folder(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock_file = None
-        self.db = sqlite3.connect(self.run_dir / MANIFEST, isolation_level=None, timeout=30)
+        self.db = open_manifest(self.run_dir)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
@@ -384,6 +512,21 @@ class RunCache:
 
     def is_locked(self):
         return is_locked(self.run_dir)
+
+    @classmethod
+    def reader(cls, run_dir):
+        """The run folder's manifest opened read-only (`diffsynth status`, the web UI): nothing in the folder is
+        created or changed, and a render running there is not disturbed. Its methods that write fail."""
+        cache = cls.__new__(cls)
+        cache.run_dir, cache._lock_file, cache.prefetched = Path(run_dir), None, {}
+        cache.kill_point = KillPoint(None)
+        cache.db = open_manifest(run_dir, read_only=True)
+        return cache
+
+    def has_tables(self):
+        """False for a manifest a render made but stopped before creating its tables in (nothing done yet)."""
+        names = {name for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return MANIFEST_TABLES <= names
 
     def close(self):
         self.db.close()
@@ -477,9 +620,9 @@ class RunCache:
         that users open directly (frames/00000.png, video.mp4); other units live under cache/<stage>/.
         `digest`: the bytes' checksum as computed where they were made (a Ray worker), recorded instead of hashing
         them again here; a byte changed on the way fails the checksum of the first read, which recomputes it."""
-        relative = str(Path(path) if path else self.unit_path(stage, key).relative_to(self.run_dir))
+        relative = self.relative_path(stage, key, path)
         file = self.run_dir / relative
-        self.db.execute("INSERT OR IGNORE INTO pending_writes VALUES (?)", (relative,))
+        self.record_pending(relative)
         write_to = data if callable(data) else (lambda tmp: Path(tmp).write_bytes(data))
         write_atomically(file, write_to, before_rename=lambda: self.kill_point("before_rename", stage, key))
         self.kill_point("before_commit", stage, key)
@@ -487,6 +630,16 @@ class RunCache:
             size, digest = file.stat().st_size, file_checksum(file)
         else:
             size, digest = len(data), digest or checksum(data)
+        self.record_unit(stage, key, relative, size, digest)
+
+    def relative_path(self, stage, key, path=None):
+        return str(Path(path) if path else self.unit_path(stage, key).relative_to(self.run_dir))
+
+    # The manifest's two transactions of a unit write (diffsynth.plan replays them to size the manifest and WAL).
+    def record_pending(self, relative):
+        self.db.execute("INSERT OR IGNORE INTO pending_writes VALUES (?)", (relative,))
+
+    def record_unit(self, stage, key, relative, size, digest):
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?, ?)",

@@ -137,14 +137,14 @@ def cmd_render(args):
 
 def load_render_config(args):
     """The config `args.config` names with `args.overrides` applied, read as render reads it (plan uses it too)."""
-    from .config import load_config
+    from .config import load_config, read_text
 
     if Path(args.config).suffix == ".py":  # an original Diffutoon script: its config literal, never executed
         from .diffutoon import load_script_config
         return load_script_config(args.config, args.overrides)
     if original_layout(args.config):  # a YAML/JSON config in the original's layout: converted as a script's
         from .diffutoon import load_original_config
-        return load_original_config(yaml.safe_load(Path(args.config).read_text()), args.overrides)
+        return load_original_config(yaml.safe_load(read_text(args.config)), args.overrides)
     return load_config(args.config, args.overrides)
 
 
@@ -161,10 +161,11 @@ def cmd_plan(args):
 def original_layout(path):
     """Whether a YAML/JSON config file is in the original Diffutoon's layout (false for anything unreadable: the
     normal loader then reports it)."""
+    from .config import read_text
     from .diffutoon import is_original_layout
     try:
-        return is_original_layout(yaml.safe_load(Path(path).read_text()))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return is_original_layout(yaml.safe_load(read_text(path)))
+    except (UserError, yaml.YAMLError):
         return False
 
 

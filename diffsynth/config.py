@@ -3,6 +3,7 @@ the docs. Key names follow the original Diffutoon configs. Unknown keys and bad 
 
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -416,7 +417,7 @@ def parse_override(text):
                 from None
 
     def absolute(value):
-        return str(Path(value).expanduser().resolve()) if isinstance(value, str) and value else value
+        return resolved(Path(value).expanduser(), key) if isinstance(value, str) and value else value
 
     if raw.strip().startswith("[") and not key.split(".")[-1].isdigit():
         values = yaml.safe_load(raw)
@@ -426,6 +427,18 @@ def parse_override(text):
     return key, absolute(raw)
 
 
+def read_text(path, what="config"):
+    """A text file the user wrote (a config, a script, the web UI's settings), as UTF-8 (a byte-order mark is
+    allowed, whatever the locale); UserError, one line, for a file that is not UTF-8 text or cannot be read."""
+    try:
+        return Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                        f"{error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise UserError(f"cannot read {what} {path}: {error.strerror or error}") from None
+
+
 def load_config(path, overrides=()):
     """Read a YAML (or JSON) config, apply `key.path=value` overrides, validate. Relative paths inside the config
     are taken relative to the config file's folder; paths given with --set, relative to the current folder."""
@@ -433,7 +446,7 @@ def load_config(path, overrides=()):
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as error:
         raise UserError(f"config {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -468,9 +481,18 @@ def map_paths(data, function, model=None, prefix=()):
 def resolve_paths(config, base_folder):
     """Make every file path in the config absolute, relative to `base_folder`."""
     def absolute(value, kind, key):
-        return str((Path(base_folder) / Path(value).expanduser()).resolve())
+        return resolved(Path(base_folder) / Path(value).expanduser(), key)
 
     return RenderConfig.model_validate(map_paths(config.model_dump(), absolute))
+
+
+def resolved(path, key):
+    """An absolute path with its symbolic links resolved; UserError naming the key for a link loop."""
+    try:
+        return str(Path(path).resolve())
+    except (RuntimeError, OSError) as error:  # RuntimeError: Python < 3.13's "Symlink loop"
+        reason = os.strerror(error.errno) if getattr(error, "errno", None) else "a symbolic link loop"
+        raise UserError(f"{key}: {path} cannot be reached ({reason}); give a path without a link loop") from None
 
 
 def config_json(config):

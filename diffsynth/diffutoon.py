@@ -23,7 +23,7 @@ import copy
 import difflib
 from pathlib import Path
 
-from .config import PROCESSOR_IDS, parse_config, parse_override, resolve_paths, set_by_path
+from .config import PROCESSOR_IDS, parse_config, parse_override, read_text, resolve_paths, set_by_path
 from .errors import UserError
 
 # Where the originals expect each file (relative to the current folder) and where people get it.
@@ -125,7 +125,8 @@ class SDVideoPipelineRunner:
 def is_original_layout(data):
     """True for a config dict in the original's layout: its pipeline_inputs carry the keys the original runner fills
     in from `data` (input_frames, num_frames, width, height, controlnet_frames), which this schema does not have."""
-    inputs = ((data or {}).get("pipeline") or {}).get("pipeline_inputs") if isinstance(data, dict) else None
+    pipeline = data.get("pipeline") if isinstance(data, dict) else None
+    inputs = pipeline.get("pipeline_inputs") if isinstance(pipeline, dict) else None
     return isinstance(inputs, dict) and any(key in inputs for key in FILLED_IN_FROM_DATA)
 
 
@@ -239,7 +240,7 @@ def config_from_script(path):
     if not path.is_file():
         raise UserError(f"config script not found: {path}")
     try:
-        tree = ast.parse(path.read_text(), filename=str(path))
+        tree = ast.parse(read_text(path, "config script"), filename=str(path))
     except SyntaxError as error:
         raise UserError(f"{path} is not valid Python (line {error.lineno}: {error.msg})") from None
     run_calls = _runner_run_calls(tree)

@@ -129,7 +129,7 @@ def build_stages(ctx, detect=True):
             stages.append(annotated)
             control_sources.append(annotated)
 
-    prompts = PromptStage(ctx)
+    prompts = PromptStage(ctx, num_frames)
     latents = InitialLatentsStage(ctx, input_crop, first_frame_id=start)
     stages += [prompts, latents]
     for step_index in range(steps):

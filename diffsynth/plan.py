@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import MANIFEST, RELEASED, image_to_bytes, image_to_png, tensors_to_bytes
+from .cache import MANIFEST, NOT_A_MANIFEST, RELEASED, image_to_bytes, image_to_png, open_manifest, tensors_to_bytes
 from .errors import UserError
 
 log = logging.getLogger("diffsynth")
@@ -285,7 +285,7 @@ def read_run_folder(run_dir):
     manifest = Path(run_dir) / MANIFEST
     if not manifest.is_file():
         return None
-    db = sqlite3.connect(f"file:{manifest}?mode=ro", uri=True, timeout=30)
+    db = open_manifest(run_dir, read_only=True)  # a damaged one: one line (UserError), and it is left as it is
     try:
         stages = dict(db.execute("SELECT name, fingerprint FROM stages"))
         units, finished = {}, {}
@@ -294,6 +294,8 @@ def read_run_folder(run_dir):
             finished.setdefault(stage, []).append(when)
     except sqlite3.OperationalError:  # a manifest whose tables do not exist yet
         return None
+    except sqlite3.DatabaseError:
+        raise UserError(NOT_A_MANIFEST.format(path=manifest)) from None
     finally:
         db.close()
     return {"stages": stages, "units": units, "finished": finished}
@@ -380,6 +382,67 @@ def simulate(stages, sizes, keep=None, done=None):
                 retired.add(upstream.name)
                 drop(upstream.name, list(on_disk[upstream.name]))
     return peak, total, {name: sum(files.values()) for name, files in on_disk.items()}
+
+
+# --- the run folder's own files -----------------------------------------------------------------------------------
+
+MANIFEST_SAMPLE = 256  # unit rows replayed into a scratch manifest to measure its bytes and its WAL's per unit
+WAL_FRAME_HEADER, WAL_HEADER = 24, 32  # SQLite's WAL: each page written is stored with a 24-byte frame header
+SHM_BYTES = 32768  # the WAL index (-shm): 32 KiB per 4096 WAL frames
+LOG_BYTES, LOG_BYTES_PER_STAGE = 400, 125  # render.log: two lines a stage and a few more (measured: 2.0 kB, 13 stages)
+
+
+def run_folder_overhead(config, stages, done=None):
+    """(peak bytes, final bytes) of what the run folder holds besides the units' files: manifest.sqlite, its WAL
+    (-wal, -shm) while the render runs, render.log, config.json and the lock. The manifest's bytes and the WAL's
+    pages per unit are measured by replaying a sample of the units' two transactions into a scratch manifest with
+    the cache's own code (diffsynth.cache.RunCache.record_pending / record_unit); the WAL grows by the pages each
+    commit writes until SQLite's automatic checkpoint (wal_autocheckpoint pages) copies it into the manifest and
+    starts it over from the front, so it peaks at about that many pages on a long render, and is deleted when the
+    render closes the manifest. On a short render the WAL alone can be most of the run folder."""
+    from .cache import RunCache
+    from .config import config_json
+    done = done or {}
+    units = [(stage.name, key) for stage in stages for key in stage.unit_keys()]
+    to_write = sum(1 for unit in units if unit not in done)
+    if not to_write and done:  # a finished run folder: its files are what they will stay
+        existing = folder_files_bytes(config.data.output_folder)
+        return existing, existing
+    sample = units[::max(1, len(units) // MANIFEST_SAMPLE)][:MANIFEST_SAMPLE] or [("stage", "key")]
+    with tempfile.TemporaryDirectory(prefix="diffsynth-plan-") as folder:
+        scratch = RunCache(folder)
+        try:
+            scratch.db.execute("PRAGMA synchronous=OFF")  # the same pages, without the fsyncs
+            page = scratch.db.execute("PRAGMA page_size").fetchone()[0]
+            checkpoint_pages = scratch.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+            scratch.db.execute("PRAGMA wal_autocheckpoint=0")  # count every page the sample writes
+            wal = Path(folder) / (MANIFEST + "-wal")
+            wal_before = wal.stat().st_size if wal.exists() else 0
+            for stage, key in sample:
+                relative = scratch.relative_path(stage, key)
+                scratch.record_pending(relative)
+                scratch.record_unit(stage, key, relative, 1 << 20, "0" * 32)
+            wal_per_unit = (wal.stat().st_size - wal_before) / len(sample)
+            scratch.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            manifest_per_unit = (Path(folder) / MANIFEST).stat().st_size / len(sample)
+        finally:
+            scratch.close()
+    manifest = manifest_per_unit * len(units)
+    wal_peak = min(wal_per_unit * to_write, (checkpoint_pages + wal_per_unit / (page + WAL_FRAME_HEADER)) *
+                   (page + WAL_FRAME_HEADER)) + WAL_HEADER
+    files = LOG_BYTES + LOG_BYTES_PER_STAGE * len(stages) + len(config_json(config)) + len(f"pid {os.getpid()}")
+    return manifest + wal_peak + SHM_BYTES + files, manifest + files
+
+
+def folder_files_bytes(run_dir):
+    """What the run folder's own files (manifest, WAL, log, config.json, lock) hold now."""
+    from .cache import RUN_FILES
+    total = 0
+    for name in [MANIFEST, *RUN_FILES]:
+        path = Path(run_dir) / name
+        if path.is_file() and not path.is_symlink():
+            total += path.stat().st_size
+    return total
 
 
 # --- time -------------------------------------------------------------------------------------------------------------
@@ -496,12 +559,20 @@ def disk_plan(config, stages, models_note=None):
     stored = sum(size for size in (folder["units"].values() if folder else ()) if size > 0)
     peak, final, kept = simulate(stages, sizes, done=done)
     fresh_peak, fresh_final, _ = simulate(stages, sizes)
-    return {"sizes": sizes, "done": done, "folder": folder, "stored": stored, "peak": peak, "final": final,
-            "kept": kept, "fresh_peak": fresh_peak, "fresh_final": fresh_final}
+    # The run folder's own files (manifest, WAL, log) come on top: at the units' peak the WAL is at its largest.
+    overhead_peak, overhead_final = run_folder_overhead(config, stages, done)
+    fresh_overhead_peak, _ = run_folder_overhead(config, stages) if done else (overhead_peak, overhead_final)
+    stored += folder_files_bytes(config.data.output_folder) if folder else 0
+    return {"sizes": sizes, "done": done, "folder": folder, "stored": stored, "peak": peak + overhead_peak,
+            "final": final + overhead_final, "kept": kept, "fresh_peak": fresh_peak + fresh_overhead_peak,
+            "fresh_final": fresh_final + overhead_final, "overhead_peak": overhead_peak,
+            "overhead_final": overhead_final}
 
 
 def make_plan(config):
     """Everything `diffsynth plan` prints, as a JSON-able dict."""
+    from .cache import check_run_folder
+    check_run_folder(config.data.output_folder)  # what render would refuse, before the work of planning
     stages, note = build_plan_stages(config)
     disk = disk_plan(config, stages, note)
     vram, device_bytes, vram_note = predicted_vram(config, stages[0].ctx.models)
@@ -522,14 +593,17 @@ def make_plan(config):
                      "final_bytes": round(disk["kept"][stage.name]),
                      "seconds_per_unit": rate, "seconds_left": None if rate is None else rate * (len(keys) - done)})
     left = [row["seconds_left"] for row in rows if row["done"] < row["units"]]
-    policies = {policy: round(simulate(stages, disk["sizes"], keep=policy)[0]) for policy in ("all", "resume", "outputs")}
+    policies = {policy: round(simulate(stages, disk["sizes"], keep=policy)[0] + disk["overhead_peak"])
+                for policy in ("all", "resume", "outputs")}
     return {"run_dir": str(config.data.output_folder), "keep": config.data.keep, "models": note,
             "disk_peak_bytes": round(disk["peak"]), "disk_final_bytes": round(disk["final"]),
             "disk_peak_bytes_from_scratch": round(disk["fresh_peak"]),
             "disk_stored_bytes": disk["stored"], "disk_free_bytes": free_bytes(config.data.output_folder),
+            "disk_run_files_peak_bytes": round(disk["overhead_peak"]),  # manifest + WAL + log + config.json + lock
             "disk_peak_bytes_by_policy": policies,
             "vram_peak_bytes": vram, "vram_device_bytes": device_bytes, "vram_note": vram_note,
             "seconds_left": (sum(left) if None not in left else None) if left else (0.0 if folder else None),
+            "warnings": [line for stage in stages for line in stage.input_warnings()],
             "shots": shot_plan(config, stages), "stages": rows}
 
 
@@ -555,6 +629,7 @@ def plan_lines(plan):
     lines = [f"plan for {plan['run_dir']} (data.keep: {plan['keep']})"]
     if plan["models"]:
         lines.append(f"models: not loaded ({plan['models']}); the disk is planned without them")
+    lines += [f"warning: {line}" for line in plan.get("warnings", [])]
     lines.append(f"  {'stage':<28} {'units':>6} {'done':>6} {'written':>10} {'kept':>10}  time left")
     for row in plan["stages"]:
         lines.append(f"  {row['name']:<28} {row['units']:>6} {row['done']:>6} {size_text(row['bytes']):>10} "

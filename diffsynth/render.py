@@ -14,6 +14,7 @@ from .cache import RunCache, atomic_write, check_run_folder, storage_error
 from .config import config_json
 from .errors import Interrupted, UserError
 from .executor import executor_for
+from .models.check import lora_misfits
 from .models.loader import ModelStore
 from .pipeline import RenderContext, build_stages, shots_line
 from .plan import check_free_space
@@ -35,7 +36,11 @@ def render(config, progress=True, verify=False, force=False):
     check_run_folder(run_dir)
     with StopFlag() as stop:  # from here on, SIGINT/SIGTERM mean "stop cleanly" (exit code 3)
         ctx = RenderContext(config, None, ModelStore(config.models))
+        check_loras(ctx.models)
         stages = build_stages(ctx, detect=False)  # the disk is checked with one shot when none is detected yet
+        warnings = input_warnings(stages)
+        for line in warnings:
+            print(f"warning: {line}", file=sys.stderr, flush=True)
         if not force:
             check_free_space(config, stages)  # before the run folder is touched: a refusal changes nothing
         cache = ctx.cache = RunCache(run_dir)
@@ -45,6 +50,8 @@ def render(config, progress=True, verify=False, force=False):
             try:
                 atomic_write(run_dir / "config.json", config_json(config).encode())
                 log.info("render of %s: %d stages", run_dir, len(stages))
+                for line in warnings:
+                    log.warning("input: %s", line)
                 cache.set_value("outcome", {"state": "running", "pid": os.getpid()})
                 earlier = None
                 if ctx.shot_starts is None:  # shots: auto, not detected yet: the crop and the detection first
@@ -78,6 +85,20 @@ def render(config, progress=True, verify=False, force=False):
         finally:
             cache.close()
     return run_dir / VIDEO_KEY
+
+
+def check_loras(models):
+    """Every LoRA's tensors against the base model's architecture (headers only), before the first stage runs: a
+    LoRA for another model otherwise fails when the UNet loads, after the early stages."""
+    misfits = lora_misfits(models.files.base, [path for path, _ in models.files.loras],
+                           getattr(models.config, "lora_convention", "kohya"))
+    if misfits:
+        raise UserError(misfits[0][1])
+
+
+def input_warnings(stages):
+    """What the stages say about their inputs that the render will take as said (Stage.input_warnings)."""
+    return [line for stage in stages for line in stage.input_warnings()]
 
 
 def record_outcome(cache, outcome):

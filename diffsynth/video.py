@@ -127,6 +127,19 @@ def _upright(frame):
     return np.ascontiguousarray(np.rot90(image, k=round(rotation / 90) % 4)) if rotation else image
 
 
+def image_sizes(source, start, end):
+    """{file name: (width, height)} of an image folder's frames [start, end), from their headers (nothing
+    decoded): a file that is not an image is reported (UserError) before the render starts, not when reached."""
+    sizes = {}
+    for name in source.frame_times[start:end]:
+        try:
+            with Image.open(Path(source.path) / name) as image:
+                sizes[name] = image.size
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot read image {Path(source.path) / name}: {error}; replace or remove it") from None
+    return sizes
+
+
 def read_image(path):
     try:
         with Image.open(path) as image:

@@ -85,10 +85,11 @@ def render_until_hang(config, hang_at, timeout=300):
 def committed_units(run_dir):
     """{(stage, key): finish time} of every committed unit, kept or released; {} before the render has made its
     manifest (a kill during start-up). Read-only: never creates a manifest."""
+    from diffsynth.cache import open_manifest
     manifest = Path(run_dir) / "manifest.sqlite"
     if not manifest.is_file():
         return {}
-    db = sqlite3.connect(f"file:{manifest}?mode=ro", uri=True)
+    db = open_manifest(run_dir, read_only=True)  # creates no -wal/-shm (SQLite's plain mode=ro would)
     try:
         rows = db.execute("SELECT stage, key, finished FROM units").fetchall()
     except sqlite3.OperationalError:  # the file exists, its tables not yet
@@ -178,10 +179,16 @@ def kept_by_stage(run_dir):
     return dict(rows)
 
 
+def folder_bytes(run_dir):
+    """Every byte in the run folder: the units' files and its own (manifest.sqlite and its -wal/-shm, render.log,
+    config.json, the lock)."""
+    return sum(path.stat().st_size for path in Path(run_dir).rglob("*") if path.is_file())
+
+
 def render_measuring_disk(config_data):
     """Render `config_data` (a config dict) in this process, measuring the disk for real: after every unit write,
-    release, retire and forget, the bytes of the unit files on disk are summed (the folder walked, not the
-    manifest). Returns (peak bytes, final bytes)."""
+    release, retire and forget, every file in the run folder is summed (the folder walked, not the manifest; the
+    manifest's WAL too). Returns (peak bytes, final bytes)."""
     from diffsynth import cache as cache_module
     from diffsynth.config import parse_config
     from diffsynth.render import render
@@ -193,7 +200,7 @@ def render_measuring_disk(config_data):
     def measured(method):
         def wrapper(self, *args, **kwargs):
             result = method(self, *args, **kwargs)
-            samples.append(sum((run_dir / path).stat().st_size for path in unit_files(run_dir)))
+            samples.append(folder_bytes(run_dir))
             return result
         return wrapper
 
@@ -206,4 +213,4 @@ def render_measuring_disk(config_data):
     finally:
         for name, method in originals.items():
             setattr(cache_module.RunCache, name, method)
-    return max(samples), samples[-1]
+    return max(samples), folder_bytes(run_dir)  # the end: after the render closed its manifest

@@ -383,3 +383,53 @@ def test_a_prompt_travel_mapping_round_trips_through_the_form():
     assert F.from_widget_value(spec, text) == travel
     for plain in ("best quality: anime, a girl", "a girl", "(cat:1.3), dog"):
         assert F.from_widget_value(spec, plain) == plain
+
+
+def test_a_run_name_is_one_folder_name_even_through_links(settings, tmp_path):
+    (settings.output / "a" / "cache").mkdir(parents=True)
+    (settings.output / "a" / "manifest.sqlite").write_bytes(b"")
+    for name in ("a/cache/b", "a/b", "./a/cache"):
+        with pytest.raises(UserError, match="not one folder name"):
+            run_folder(settings, name)
+    (settings.output / "link").symlink_to(settings.output / "a" / "cache")
+    with pytest.raises(UserError, match="not one folder name"):
+        run_folder(settings, "link/b")
+    assert run_folder(settings, "b") == settings.output / "b"
+    data = F.data_from_state(dict(F.state_from_data({}), **{"f:data.output_folder": "a/cache/b"}))
+    assert "not one folder name" in F.validate(data, settings)[1]["data.output_folder"][0]
+
+
+def test_the_ray_address_comes_only_from_the_servers_settings(settings, tmp_path):
+    data = {"executor": {"address": "ray://attacker:10001"}}
+    _, problems = F.confine_paths(data, settings)
+    assert "not one of this server's (none)" in problems["executor.address"]
+    settings.ray_addresses = ["ray://head:10001"]
+    assert "executor.address" not in F.confine_paths({"executor": {"address": "ray://head:10001"}}, settings)[1]
+    assert "executor.address" in F.confine_paths(data, settings)[1]
+    assert "executor.address" not in F.confine_paths({"executor": {"address": None}}, settings)[1]
+    file = tmp_path / "webui.yaml"
+    file.write_text(yaml.safe_dump({"ray_addresses": ["auto", "ray://head:10001"]}))
+    assert load_settings({"DIFFSYNTH_WEBUI_SETTINGS": str(file)}).ray_addresses == ["auto", "ray://head:10001"]
+    assert load_settings({"DIFFSYNTH_WEBUI_RAY_ADDRESSES": "auto, ray://b:1"}).ray_addresses == ["auto", "ray://b:1"]
+
+
+def test_cancel_signals_only_the_process_that_was_launched(settings):
+    """A pid is reused once its process is gone: a live diffsynth-looking process with the recorded pid but
+    another start time is not the render the page launched, and is left alone."""
+    import subprocess
+    import sys
+    import psutil
+    run_dir = settings.output / "r"
+    run_dir.mkdir()
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "diffsynth", "render"])
+    try:
+        started = psutil.Process(process.pid).create_time()
+        (run_dir / R.PID_FILE).write_text(f"{process.pid} {started - 100:.3f}")  # the pid's earlier owner
+        assert not R.cancel(run_dir) and process.poll() is None
+        (run_dir / R.PID_FILE).write_text(f"{process.pid} {started:.3f}")
+        assert R.cancel(run_dir)
+        assert process.wait(timeout=10) != 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -51,6 +51,46 @@ def _single_file_details(path, kind):
     return ""
 
 
+def meta_base_models(base):
+    """The base model's UNet and CLIP text encoder built on the meta device (their architecture, no weights read):
+    what a LoRA is checked against before anything is loaded."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    base = Path(base)
+    if base.is_dir():
+        unet_config = UNet2DConditionModel.load_config(base / "unet")
+        text_config = CLIPTextConfig.from_pretrained(base / "text_encoder")
+    else:
+        unet_config = convert.component_config(base, "unet", "sd15_unet")
+        text_config = CLIPTextConfig(**convert.component_config(base, "text_encoder", "sd15_text_encoder"))
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(unet_config), CLIPTextModel(text_config)
+
+
+def lora_misfits(base, loras, convention="kohya"):
+    """[(LoRA path, one line)] for each LoRA whose tensors do not fit the base model (headers and the meta
+    architecture only: seconds, before a render's first stage runs); `models check` lists them and the render
+    refuses to start on the first."""
+    from .extras import lora_misfit, read_lora_shapes, unet_ldm_module_names
+    if not loras:
+        return []
+    unet, text_encoder = meta_base_models(base)
+    ldm_names = unet_ldm_module_names(unet)
+    problems = []
+    for path in loras:
+        try:
+            layers = read_lora_shapes(path)
+            misfit = lora_misfit(unet, layers, "unet", path, ldm_names)
+            if misfit is None and convention == "kohya":  # the diffutoon convention leaves the text encoder alone
+                misfit = lora_misfit(text_encoder, layers, "te", path)
+        except UserError as error:
+            misfit = str(error)
+        if misfit:
+            problems.append((path, misfit))
+    return problems
+
+
 def check_models(models_config):
     """[(status, path, text)] for every model file, and the number of problems."""
     quiet_libraries()
@@ -80,6 +120,10 @@ def check_models(models_config):
     if len(kinds.get(BASE, [])) > 1:
         rows.append(("PROBLEM", "models.model_list", "two base models; keep one"))
     loras = kinds.get(LORA, [])
+    if len(kinds.get(BASE, [])) == 1:
+        for path, misfit in lora_misfits(kinds[BASE][0], loras, getattr(models_config, "lora_convention", "kohya")):
+            row = next(i for i, row in enumerate(rows) if row[1] == str(path))
+            rows[row] = ("PROBLEM", str(path), misfit.replace(f"LoRA {path} ", "LoRA ").replace(f"{path}: ", ""))
     if len(loras) != len(models_config.lora_alphas):
         rows.append(("PROBLEM", "models.lora_alphas", f"{len(models_config.lora_alphas)} value(s) for {len(loras)} "
                                                       "LoRA file(s); give one alpha per LoRA, in order"))

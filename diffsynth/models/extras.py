@@ -9,13 +9,14 @@ and an optional `.alpha`; <module> is the diffusers module path with dots as und
 LDM path (older A1111 files). Merged into the weights: W += user_alpha × (alpha / rank) × up @ down.
 """
 
+import math
 import re
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from .checkpoint import WEIGHT_SUFFIXES, read_state_dict
+from .checkpoint import WEIGHT_SUFFIXES, read_shapes, read_state_dict
 
 LORA_PREFIXES = ("lora_unet_", "lora_te_")
 
@@ -113,7 +114,16 @@ def split_keywords(text, keywords):
 
 def read_lora(path):
     """{module key (without lora_ prefix kind): (kind, down, up, alpha)} of a kohya/A1111 LoRA file."""
-    data = read_state_dict(path)
+    return _lora_layers(path, read_state_dict(path))
+
+
+def read_lora_shapes(path):
+    """read_lora's layers with each tensor's shape in its place (the file's header only: nothing loaded)."""
+    return _lora_layers(path, {key: torch.Size(shape) if shape is not None else None
+                               for key, shape in read_shapes(path).items()}, shapes_only=True)
+
+
+def _lora_layers(path, data, shapes_only=False):
     layers = {}
     for key, value in data.items():
         if not key.startswith(LORA_PREFIXES):
@@ -124,7 +134,7 @@ def read_lora(path):
             entry["down"] = value
         elif suffix == "lora_up.weight":
             entry["up"] = value
-        elif suffix == "alpha":
+        elif suffix == "alpha" and not shapes_only:
             entry["alpha"] = float(value)
     if not layers:
         raise UserError(f"{path} is not a LoRA in the kohya/A1111 layout (no lora_unet_*/lora_te_* keys)")
@@ -133,6 +143,33 @@ def read_lora(path):
         raise UserError(f"{path}: LoRA layer {incomplete[0]} lacks its lora_down or lora_up weight (a LyCORIS/LoHa "
                         "file? only plain LoRA / LoCon is supported)")
     return layers
+
+
+def lora_misfit(model, layers, kind, path, ldm_names=None):
+    """One line naming the first `kind` ("unet" or "te") layer of a LoRA that matches no module of `model` or whose
+    tensors do not fit its weight, or None. Shapes only: `model` may be on the meta device, `layers` shapes or
+    tensors (read_lora_shapes, read_lora)."""
+    prefix = "lora_unet_" if kind == "unet" else "lora_te_"
+    index = _module_index(model, ldm_names)
+    unmatched = [name for name in layers if name.startswith(prefix) and index.get(name[len(prefix):]) is None]
+    if unmatched:
+        return (f"LoRA {path} does not fit this SD1.5 model: layer {unmatched[0]} matches no module "
+                f"({len(unmatched)} unmatched; an SDXL or SD 2.x LoRA?)")
+    for name, entry in layers.items():
+        if not name.startswith(prefix):
+            continue
+        weight = tuple(index[name[len(prefix):]].weight.shape)
+        down, up = tuple(_shape(entry["down"])), tuple(_shape(entry["up"]))
+        if len(down) < 2 or len(up) < 2 or up[0] != weight[0] or up[1] != down[0] or \
+                math.prod(down[1:]) != math.prod(weight[1:]):
+            return (f"LoRA {path} does not fit this model: layer {name} has lora_down {list(down)} and lora_up "
+                    f"{list(up)}, the model's weight there is {list(weight)} (a LoRA made for another base model: "
+                    "SDXL, SD 2.x?); remove it from models.model_list or use one made for SD1.5")
+    return None
+
+
+def _shape(value):
+    return value.shape if isinstance(value, torch.Tensor) else value
 
 
 def _module_index(model, ldm_names=None):
@@ -166,16 +203,16 @@ def merge_lora(model, layers, kind, scale, path, ldm_names=None, file_alpha=True
     `file_alpha` False: the file's alpha is ignored (W += scale × up·down), as the original Diffutoon."""
     if scale == 0:
         return 0
+    misfit = lora_misfit(model, layers, kind, path, ldm_names)
+    if misfit:
+        raise UserError(misfit)
     prefix = "lora_unet_" if kind == "unet" else "lora_te_"
     index = _module_index(model, ldm_names)
-    merged, unmatched = 0, []
+    merged = 0
     for name, entry in layers.items():
         if not name.startswith(prefix):
             continue
-        module = index.get(name[len(prefix):])
-        if module is None:
-            unmatched.append(name)
-            continue
+        module = index[name[len(prefix):]]
         weight = module.weight
         down, up = entry["down"].float(), entry["up"].float()
         rank = down.shape[0]
@@ -183,7 +220,4 @@ def merge_lora(model, layers, kind, scale, path, ldm_names=None, file_alpha=True
         delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
         module.weight = torch.nn.Parameter((weight.float() + factor * delta).to(weight.dtype), requires_grad=False)
         merged += 1
-    if unmatched:
-        raise UserError(f"LoRA {path} does not fit this SD1.5 model: layer {unmatched[0]} matches no module "
-                        f"({len(unmatched)} unmatched; an SDXL or SD 2.x LoRA?)")
     return merged

@@ -45,6 +45,11 @@ class Stage:
         released as soon as every unit reading them is done (the stage's own `run` does it in order otherwise)."""
         return []
 
+    def input_warnings(self):
+        """Lines about the inputs that the render takes as the lines say (not errors): printed and logged before any
+        work starts, and shown by `diffsynth plan`."""
+        return []
+
     def compute(self, key):
         """The bytes of one unit (and, optionally, its path relative to the run folder) as (data, path)."""
         raise NotImplementedError

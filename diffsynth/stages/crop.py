@@ -11,7 +11,7 @@ from PIL import Image
 
 from ..cache import image_to_bytes
 from ..models.loader import file_identity
-from ..video import decode
+from ..video import decode, image_sizes
 from .base import Stage, frame_index, frame_key
 
 
@@ -51,6 +51,25 @@ class CropStage(Stage):
 
     def unit_keys(self):
         return [frame_key(i) for i in range(self.end - self.start)]
+
+    def input_warnings(self):
+        """An image folder whose frames (in the rendered range) differ in size: each is cropped or letterboxed to
+        the output size on its own, so the picture's framing jumps where the size changes."""
+        if self.source.is_video:
+            return []
+        sizes = image_sizes(self.source, self.start, self.end)
+        if len(set(sizes.values())) < 2:
+            return []
+        counts = {}
+        for size in sizes.values():
+            counts[size] = counts.get(size, 0) + 1
+        common = max(counts, key=counts.get)
+        odd = next(name for name, size in sizes.items() if size != common)
+        shown = ", ".join(f"{count} at {w}x{h}" for (w, h), count in sorted(counts.items(), key=lambda c: -c[1])[:3])
+        verb = "cropped" if self.mode == "crop" else "letterboxed"
+        return [f"image folder {self.source.path} holds frames of {len(counts)} sizes ({shown}; e.g. {odd} is "
+                f"{sizes[odd][0]}x{sizes[odd][1]}): each is {verb} and resized to {self.width}x{self.height} on its "
+                "own, so the framing changes where the size does; give the folder frames of one size to avoid it"]
 
     def run(self, pending_keys):
         """Decode sequentially from the keyframe before the first pending frame (seeking per frame is slow), crop

@@ -204,6 +204,29 @@ class PromptStage(Stage):
     name = "prompts"
     version = "1"
 
+    def __init__(self, ctx, num_frames=None):
+        super().__init__(ctx)
+        self.num_frames = num_frames  # the rendered range's length: keys past it are warned about
+
+    def input_warnings(self):
+        """A prompt-travel key past the rendered range's last frame: the frames before it blend toward it and never
+        reach it (a preview of the first part of a longer travel, or a typo): say how far they get."""
+        if not self.travels or not self.num_frames:
+            return []
+        last, lines = self.num_frames - 1, []
+        for half, field in (("positive", "prompt"), ("negative", "negative_prompt")):
+            keys = sorted(self.keyframes(half))
+            for key in (k for k in keys if k > last):
+                before, after, t = interpolation_between(keys, last)
+                weight = (1 - t if before == key else 0.0) + (t if after == key else 0.0)
+                if weight >= 1:
+                    continue  # the only key in range's reach: it holds for every frame, as a plain prompt would
+                reach = "it is never used" if weight == 0 else f"frame {last} gets {weight:.1%} of it, no frame more"
+                lines.append(f"prompt travel key {key} of pipeline.pipeline_inputs.{field} is past the rendered "
+                             f"range's last frame ({last}, counted from data.input_frames.start_frame_id): {reach}; "
+                             f"move the key to {last} or below (or render more frames) for that prompt to be reached")
+        return lines
+
     @property
     def inputs_config(self):
         return self.ctx.config.pipeline.pipeline_inputs

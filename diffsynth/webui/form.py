@@ -342,6 +342,12 @@ def confine_paths(data, settings, base=None):
     checked path made absolute, {dotted key: message}): launch or save the copy, which is what was checked."""
     errors = {}
     data = yaml.safe_load(yaml.safe_dump(data))
+    address = (data.get("executor") or {}).get("address") if isinstance(data.get("executor"), dict) else None
+    if address not in (None, "") and address not in settings.ray_addresses:
+        allowed = ", ".join(settings.ray_addresses) or "none"
+        errors["executor.address"] = (f"Ray cluster {address} is not one of this server's ({allowed}); the page "
+                                      "joins only the clusters in its settings (ray_addresses in "
+                                      "webui-settings.yaml, or DIFFSYNTH_WEBUI_RAY_ADDRESSES)")
 
     def check(value, kind, key):
         if not value.strip():

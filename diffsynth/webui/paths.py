@@ -32,7 +32,10 @@ def confine(path, settings, kind, base=None):
     candidate = Path(text).expanduser()
     if not candidate.is_absolute():
         candidate = Path(base or roots[0]) / candidate
-    resolved = candidate.resolve()  # follows symlinks: a link inside a root pointing outside is refused
+    try:
+        resolved = candidate.resolve()  # follows symlinks: a link inside a root pointing outside is refused
+    except (RuntimeError, OSError):  # a link loop
+        raise UserError(f"{text} cannot be reached (a symbolic link loop); {what_to_do(kind, roots)}") from None
     for root in roots:
         if is_inside(resolved, Path(root).resolve()):
             return resolved
@@ -105,6 +108,9 @@ def run_folder(settings, name):
     path = confine(text, settings, "output", base=settings.output)
     if path == settings.output:
         raise UserError("the run folder must be a folder under the output root, not the output root itself")
+    if path.parent != Path(settings.output).resolve():  # `a/cache/b` would render inside run a's cache
+        raise UserError(f"run name {text} is not one folder name: a run is a folder directly under "
+                        f"{settings.output} (no '/'; a link there must not lead into another folder)")
     return path
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..cache import RunCache, is_locked
+from ..cache import RunCache, is_locked, open_manifest
+from ..config import read_text
 from ..demo import REPO_ROOT
 from ..errors import UserError
 
@@ -37,7 +38,10 @@ _children = {}  # pid → Popen, so finished children are reaped (no zombies tha
 
 # --- processes ------------------------------------------------------------------------------------------------------
 
-def _pid_alive(pid):
+def _pid_alive(pid, started=None, not_after=None):
+    """Whether `pid` is a live diffsynth render, and (a pid can be reused once its process is gone) the same
+    process: started at `started` (the start time recorded when the page launched it), or no later than
+    `not_after` (the time the lock holder wrote the lock file: a process started after that is not the holder)."""
     if not pid:
         return False
     child = _children.get(pid)
@@ -50,9 +54,14 @@ def _pid_alive(pid):
     try:
         import psutil
         process = psutil.Process(pid)
-        return process.status() != psutil.STATUS_ZOMBIE and _is_render_process(process)
+        if process.status() == psutil.STATUS_ZOMBIE or not _is_render_process(process):
+            return False
+        created = process.create_time()
     except Exception:  # noqa: BLE001 - no such process, no access: not ours
         return False
+    if started is not None and abs(created - started) > 1.0:
+        return False
+    return not_after is None or created <= not_after + 1.0
 
 
 def _is_render_process(process):
@@ -64,26 +73,50 @@ def _is_render_process(process):
 
 
 def _read_pid(path):
+    return _read_pid_record(path)[0]
+
+
+def _read_pid_record(path):
+    """(pid, start time or None) from a pid file ("1234 1700000000.52", as launch writes it) or the render's lock
+    file ("pid 1234")."""
     try:
-        text = Path(path).read_text().strip()
+        words = Path(path).read_text().split()
     except OSError:
+        return None, None
+    numbers = [word for word in words if word.replace(".", "", 1).isdigit()]
+    pid = int(numbers[0]) if numbers and numbers[0].isdigit() else None
+    started = float(numbers[1]) if len(numbers) > 1 else None
+    return pid, started
+
+
+def _process_start(pid):
+    try:
+        import psutil
+        return psutil.Process(pid).create_time()
+    except Exception:  # noqa: BLE001 - gone already: nothing to record
         return None
-    digits = text.split()[-1] if text else ""
-    return int(digits) if digits.isdigit() else None
 
 
 def render_pid(run_dir):
     """The pid of the render working in this run folder, or None: the lock holder, else the process the page
     launched while it is still starting up (before it takes the lock). A process that held the lock and let it go
     is only exiting: it no longer counts."""
+    return render_process(run_dir)[0]
+
+
+def render_process(run_dir):
+    """(pid, how to recognise that very process: {"started": …} or {"not_after": …}) of render_pid."""
     run_dir = Path(run_dir)
     lock_pid = _read_pid(run_dir / "lock")
     if is_locked(run_dir):
-        return lock_pid
-    launched = _read_pid(run_dir / PID_FILE)
-    if launched and launched != lock_pid and _pid_alive(launched):
-        return launched
-    return None
+        try:
+            return lock_pid, {"not_after": (run_dir / "lock").stat().st_mtime}
+        except OSError:
+            return lock_pid, {}
+    launched, started = _read_pid_record(run_dir / PID_FILE)
+    if launched and launched != lock_pid and _pid_alive(launched, started=started):
+        return launched, {"started": started}
+    return None, {}
 
 
 def check_inputs(config):
@@ -131,7 +164,8 @@ def launch(run_dir, config_path, extra_env=None):
             cwd=str(run_dir), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, env=env, close_fds=True)
     _children[process.pid] = process
-    (run_dir / PID_FILE).write_text(str(process.pid))
+    started = _process_start(process.pid)  # with the pid: a later process given the same pid is not this one
+    (run_dir / PID_FILE).write_text(f"{process.pid} {started:.3f}" if started else str(process.pid))
     return process.pid
 
 
@@ -145,7 +179,7 @@ def resume(run_dir, settings, extra_env=None):
             break
     else:
         raise UserError(f"{run_dir.name} has no config.json or config.yaml to resume from")
-    data = yaml.safe_load(config_path.read_text()) or {}
+    data = yaml.safe_load(read_text(config_path)) or {}
     data = dict(data)
     if isinstance(data.get("data"), dict):
         data["data"] = dict(data["data"], output_folder=str(run_dir))
@@ -161,8 +195,8 @@ def resume(run_dir, settings, extra_env=None):
 
 def cancel(run_dir):
     """Ask the render to stop after its current unit (SIGTERM; the run stays resumable). False if none runs."""
-    pid = render_pid(run_dir)
-    if not pid or not _pid_alive(pid):  # only a process confirmed to be a diffsynth render is signalled
+    pid, same = render_process(run_dir)
+    if not pid or not _pid_alive(pid, **same):  # only that very diffsynth render is signalled (pids are reused)
         return False
     try:
         os.kill(pid, signal.SIGTERM)
@@ -186,8 +220,9 @@ def tail(path, lines=30, max_bytes=64 * 1024):
 
 
 def _connect_read_only(run_dir):
-    """A read-only connection to the run's manifest (never a write: the page must not contend with the render)."""
-    return sqlite3.connect(f"file:{Path(run_dir) / 'manifest.sqlite'}?mode=ro", uri=True, timeout=5)
+    """A read-only connection to the run's manifest (never a write: the page must not contend with the render, and
+    a poll changes nothing in the folder): cache.open_manifest's."""
+    return open_manifest(run_dir, read_only=True, timeout=5)
 
 
 # Finish times kept per stage for the rates: enough for a steady estimate, bounded however long the video is.
@@ -249,7 +284,7 @@ def read_manifest(run_dir, with_timings=True):
         return None
     try:
         db = _connect_read_only(run_dir)
-    except sqlite3.Error:
+    except (sqlite3.Error, UserError):
         return None
     try:
         counts = {stage: (done, size) for stage, done, size in db.execute(

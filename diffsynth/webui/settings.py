@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from ..config import read_text
 from ..demo import REPO_ROOT
 from ..errors import UserError
 
@@ -33,6 +34,9 @@ class Settings:
     videos: list = field(default_factory=list)
     configs: list = field(default_factory=list)
     output: Path = None
+    # The Ray clusters a render may join (executor.address), from the server's own settings: never typed in the
+    # page, since a Ray cluster answers with pickles and joining one runs what it sends.
+    ray_addresses: list = field(default_factory=list)
 
     def roots(self, kind):
         """The allowed folders for one kind of path: models, videos, configs or output."""
@@ -61,12 +65,12 @@ def load_settings(environ=None):
     file = Path(file) if file else REPO_ROOT / "webui-settings.yaml"
     if file.is_file():
         try:
-            data = yaml.safe_load(file.read_text()) or {}
+            data = yaml.safe_load(read_text(file, "web UI settings")) or {}
         except yaml.YAMLError as error:
             raise UserError(f"web UI settings {file} is not valid YAML: {str(error).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise UserError(f"web UI settings {file} must be a mapping (models, videos, configs, output)")
-        unknown = set(data) - set(LIST_KEYS) - {"output"}
+        unknown = set(data) - set(LIST_KEYS) - {"output", "ray_addresses"}
         if unknown:
             raise UserError(f"web UI settings {file}: unknown key(s) {', '.join(sorted(unknown))}")
         for key in LIST_KEYS:
@@ -75,10 +79,15 @@ def load_settings(environ=None):
                 setattr(settings, key, [_resolve(v, file.parent) for v in values])
         if "output" in data:
             settings.output = _resolve(data["output"], file.parent)
+        if "ray_addresses" in data:
+            values = data["ray_addresses"] if isinstance(data["ray_addresses"], list) else [data["ray_addresses"]]
+            settings.ray_addresses = [str(v).strip() for v in values if str(v).strip()]
     for key in LIST_KEYS:
         value = environ.get(ENV_PREFIX + key.upper())
         if value:
             setattr(settings, key, [_resolve(v, Path.cwd()) for v in value.split(os.pathsep) if v])
+    if environ.get(ENV_PREFIX + "RAY_ADDRESSES"):  # comma-separated: an address holds colons
+        settings.ray_addresses = [v.strip() for v in environ[ENV_PREFIX + "RAY_ADDRESSES"].split(",") if v.strip()]
     if environ.get(ENV_PREFIX + "OUTPUT"):
         settings.output = _resolve(environ[ENV_PREFIX + "OUTPUT"], Path.cwd())
     settings.models = [Path(p).resolve() for p in settings.models]
