@@ -63,28 +63,18 @@ def cut_clip_frames(width=64, height=48, shot_length=16, dissolve=24):
 
 def write_frames_clip(path, frames, fps=12):
     """An H.264 clip of uint8 RGB frames (crf 12, no audio)."""
-    import av  # here, as in write_synthetic_clip
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     height, width = frames[0].shape[:2]
-    with av.open(str(path), "w", format="mp4") as output:
-        video = output.add_stream("libx264", rate=Fraction(fps))
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.options = {"crf": "12"}
-        video.thread_count = 1
-        for index, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts = index
-            frame.time_base = Fraction(1, fps)
-            for packet in video.encode(frame):
-                output.mux(packet)
-        for packet in video.encode():
-            output.mux(packet)
-    return path
+    return write_clip(path, frames, width, height, fps, audio=False)
 
 
 def write_synthetic_clip(path, num_frames=48, width=160, height=120, fps=12, audio=True, rotation=0):
     """An H.264 clip with a 440 Hz tone (AAC) covering its whole length; deterministic for the same arguments."""
+    frames = (synthetic_frame(index, width, height) for index in range(num_frames))
+    return write_clip(path, frames, width, height, fps, audio=audio)
+
+
+def write_clip(path, frames, width, height, fps=12, audio=False):
+    """An H.264 clip (crf 12) of uint8 RGB `frames`, with a 440 Hz stereo tone (AAC) over its length if `audio`."""
     import av  # here, not above: synthetic_frame alone needs no PyAV (bench/gpu.py's original-only device run)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,16 +87,18 @@ def write_synthetic_clip(path, num_frames=48, width=160, height=120, fps=12, aud
         if audio:  # every stream must exist before the first packet is muxed
             sound = output.add_stream("aac", rate=rate)
             sound.layout = "stereo"
-        for index in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(synthetic_frame(index, width, height), format="rgb24")
+        count = 0
+        for index, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts = index
             frame.time_base = Fraction(1, fps)
             for packet in video.encode(frame):
                 output.mux(packet)
+            count += 1
         for packet in video.encode():
             output.mux(packet)
         if audio:
-            total = int(rate * num_frames / fps)
+            total = int(rate * count / fps)  # the tone covers every frame written
             t = np.arange(total) / rate
             tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
             for offset in range(0, total, 1024):
