@@ -11,7 +11,7 @@ from helpers import render_measuring_disk, run_cli, small_config, write_config
 
 from diffsynth.config import parse_config
 from diffsynth.errors import UserError
-from diffsynth.plan import make_plan
+from diffsynth.plan import make_plan, size_text
 
 
 SHORT = {"num_inference_steps": 1, "smoother_progress_ids": []}  # 4 frames, 1 step: the run folder's own files most
@@ -86,7 +86,7 @@ def test_render_refuses_a_disk_too_small_for_its_peak(demo_assets, tmp_path, mon
         render(config, progress=False)
     message = str(refused.value)
     assert "\n" not in message and "--force" in message and "500 B free" in message
-    assert f"{make_plan(config)['disk_peak_bytes'] / 1e3:.1f} kB" in message  # the predicted peak, named
+    assert f"peak is about {size_text(make_plan(config)['disk_peak_bytes'])}" in message  # the prediction, named
     assert not Path(tmp_path / "run").exists()  # refused before the run folder was made
 
 
