@@ -162,13 +162,15 @@ def samples_per_spatial_call(frames, frames_per_call, cfg_halves):
 def motion_unet_eps(unet, sample, text, timestep, down_residuals, mid_residual, frames, frames_per_call,
                     cfg_halves="together"):
     """ε of one sliding window through a UNetMotionModel, for the CFG batch `sample` (2·frames, 4, h, w) =
-    [negative × frames, positive × frames] with per-sample `text` and ControlNet residuals (or None).
+    [negative × frames, positive × frames] (or one half's frames alone, with `apart`) with per-sample `text` and
+    ControlNet residuals (or None).
 
     cfg_halves `together`: one UNet call for both halves; `apart`: one call per half (half the whole-window
     activations). Spatial layers run `frames_per_call` frames at a time (of both halves with `together`), the
     motion modules in as many pieces of pixel rows, so their activations shrink in step; a chunk as large as the
     batch is the plain call, untouched."""
-    halves = [slice(0, 2 * frames)] if cfg_halves == "together" else [slice(0, frames), slice(frames, 2 * frames)]
+    halves = ([slice(0, sample.shape[0])] if cfg_halves == "together"
+              else [slice(first, first + frames) for first in range(0, sample.shape[0], frames)])
     split = samples_per_spatial_call(frames, frames_per_call, cfg_halves)
     outputs = []
     for half in halves:

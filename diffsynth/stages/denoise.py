@@ -140,28 +140,40 @@ class DenoiseWindowsStage(Stage):
         frames = end - start
         # Each frame's own text embedding (one per CFG half; the same for every frame without prompt travel).
         frame_embeddings = self.prompt_timeline.load(self, self.frames_with_text(start, end))
-        # Classifier-free guidance in one batch: [negative × frames, positive × frames].
-        text = torch.cat([frame_embeddings("negative", range(start, end)),
-                          frame_embeddings("positive", range(start, end))])
+        negative = frame_embeddings("negative", range(start, end))
+        positive = frame_embeddings("positive", range(start, end))
         latents = latents.to(device, dtype)
-        sample = torch.cat([latents, latents])
-        text = text.to(device, dtype)
         down_residuals, mid_residual = self.residuals.window(start, end, frame_embeddings)
         self.residuals.keep_for(*(self.windows[j + 1] if j + 1 < len(self.windows) else (end, end)))
-        eps = self._unet(sample, text, down_residuals, mid_residual, frames, inputs).float()
+        if negative.shape[1] == positive.shape[1]:
+            # Classifier-free guidance in one batch: [negative × frames, positive × frames].
+            sample = torch.cat([latents, latents])
+            text = torch.cat([negative, positive]).to(device, dtype)
+            eps = self._unet(sample, text, down_residuals, mid_residual, frames, inputs).float()
+        else:
+            # The halves' prompts have their own lengths (long_prompts: diffutoon): one batch per half, each
+            # attending to its own prompt's tokens only, as the original runs them.
+            halves = (slice(0, frames), slice(frames, 2 * frames))
+            eps = torch.cat([self._unet(latents, text.to(device, dtype),
+                                        None if down_residuals is None else [r[half] for r in down_residuals],
+                                        None if mid_residual is None else mid_residual[half], frames, inputs).float()
+                             for text, half in zip((negative, positive), halves)])
         eps_negative, eps_positive = eps.chunk(2)
         # Guidance on the device (float32 elementwise: the same bits as on the CPU), so half the bytes come back.
         eps = eps_negative + inputs.cfg_scale * (eps_positive - eps_negative)
         return tensors_to_bytes({"eps": eps.cpu()}), None
 
     def _unet(self, sample, text, down_residuals, mid_residual, frames, inputs):
+        """ε of the batch `sample`: both CFG halves [negative × frames, positive × frames], or one half's frames."""
         unet = self.ctx.models.unet
         if inputs.cross_frame_attention:
             return self._unet_cross_frame(sample, text, down_residuals, mid_residual, frames, inputs)
         if self.ctx.models.has_motion_module:
             # The motion modules see all the window's frames at once; the spatial layers unet_batch_size at a time.
+            # A batch of one half is run as `apart` runs each half.
+            cfg_halves = inputs.cfg_halves if sample.shape[0] == 2 * frames else "apart"
             return motion_unet_eps(unet, sample, text, self.timestep, down_residuals, mid_residual, frames,
-                                   self.unet_batch_size, inputs.cfg_halves)
+                                   self.unet_batch_size, cfg_halves)
         # Without a motion module frames are independent: unet_batch_size frames per forward.
         chunk = self.unet_batch_size
         outputs = []
@@ -179,11 +191,11 @@ class DenoiseWindowsStage(Stage):
         unet = self.ctx.models.unet
         processor = use_cross_frame_attention(unet)
         chunk = self.unet_batch_size
-        groups = [(first, min(first + chunk, half + frames)) for half in (0, frames)
+        groups = [(first, min(first + chunk, half + frames)) for half in range(0, sample.shape[0], frames)
                   for first in range(half, half + frames, chunk)]
         if self.ctx.models.has_motion_module:  # one call for the window; joined in the same groups
             processor.groups = [end - first for first, end in groups]
-            video = sample.reshape(2, frames, *sample.shape[1:]).permute(0, 2, 1, 3, 4)
+            video = sample.reshape(-1, frames, *sample.shape[1:]).permute(0, 2, 1, 3, 4)
             out = unet(video, self.timestep, encoder_hidden_states=text,
                        down_block_additional_residuals=down_residuals,
                        mid_block_additional_residual=mid_residual).sample
@@ -334,7 +346,8 @@ class ControlNetResiduals:
         latents = stage.read_latents(indices).to(device, dtype)
         negative = frame_embeddings("negative", indices).contiguous().to(device, dtype)
         positive = frame_embeddings("positive", indices).contiguous().to(device, dtype)
-        together = self.halves_together()
+        # Prompts of their own lengths per half (long_prompts: diffutoon) cannot share a batch.
+        together = self.halves_together() and negative.shape[1] == positive.shape[1]
         calls = ([(torch.cat([latents, latents]), torch.cat([negative, positive]))] if together
                  else [(latents, negative), (latents, positive)])
         totals = [None] * len(calls)  # per call: [down residual per level..., mid residual]

@@ -4,7 +4,10 @@ clip_skip k takes the output of the k-th text-encoder layer from the end, then t
 than 77 tokens are encoded in 77-token chunks, concatenated along the sequence: by default 75 tokens each wrapped in
 start/end tokens (A1111, ComfyUI), or with `long_prompts: diffutoon` raw 77-token slices of the whole tokenized
 prompt (the original Diffutoon); shorter prompts are padded with chunks of the empty prompt so every prompt (both
-halves of classifier-free guidance, every keyframe of a prompt travel) has the same length. Textual-inversion
+halves of classifier-free guidance, every keyframe of a prompt travel) has the same length. With `diffutoon` only the
+keyframes of one half are padded to each other (travel interpolates between them): each CFG half keeps its own
+length, as the original encodes and attends to each prompt at its own length (the denoise stage then runs the halves
+apart). Textual-inversion
 keywords (in either prompt) expand to their n tokens `kw_0 … kw_{n-1}`, inserted as token ids.
 
 Prompt weighting, A1111 syntax: `(word:1.3)` multiplies the word's weight by 1.3, `(word)` by 1.1, `[word]` divides
@@ -250,6 +253,9 @@ class PromptStage(Stage):
                   "models": self.ctx.models.identity("text")}
         if inputs.long_prompts != "chunks":
             params["long_prompts"] = inputs.long_prompts
+            # Each CFG half padded only to its own longest keyframe (before: both halves to the longest prompt).
+            # Only here, so `chunks` configs keep their fingerprints.
+            params["padding"] = "per_half"
         # Only where it changes something, so plain prompts keep their fingerprint (and cached renders): runs made
         # before weighting existed encoded brackets as literal text.
         if any(has_weighting_syntax(text) for text in self.all_prompt_texts()):
@@ -276,13 +282,21 @@ class PromptStage(Stage):
         return encode_chunks(self.ctx.models.text_encoder, id_chunks + empty_ids * padding,
                              self.inputs_config.clip_skip, weight_chunks + empty_weights * padding)
 
+    def num_chunks(self, half):
+        """The chunk count every prompt of CFG half `half` is padded to. `chunks`: the longest prompt's of both
+        halves, so both halves and every keyframe line up (one UNet batch). `diffutoon`: the longest of this half's
+        keyframes (travel interpolates between them), so each half keeps its own length, as in the original."""
+        texts = (self.keyframes(half).values() if self.inputs_config.long_prompts == "diffutoon"
+                 else self.all_prompt_texts())
+        return max(len(self._tokens(text)[0]) for text in texts)
+
     def compute(self, key):
-        # Every prompt gets the chunk count of the longest, so both CFG halves and every keyframe line up.
-        num_chunks = max(len(self._tokens(text)[0]) for text in self.all_prompt_texts())
         if key == EMBEDDINGS_KEY:
-            return tensors_to_bytes({half: self._encode(self.keyframes(half)[0], num_chunks) for half in HALVES}), None
+            return tensors_to_bytes({half: self._encode(self.keyframes(half)[0], self.num_chunks(half))
+                                     for half in HALVES}), None
         half, frame = key.split(".")[:2]
-        return tensors_to_bytes({"embedding": self._encode(self.keyframes(half)[int(frame)], num_chunks)}), None
+        embedding = self._encode(self.keyframes(half)[int(frame)], self.num_chunks(half))
+        return tensors_to_bytes({"embedding": embedding}), None
 
 
 def interpolation_between(keys, index):
