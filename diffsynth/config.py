@@ -168,7 +168,8 @@ class PipelineInputs(Schema):
     long_prompts: Literal["chunks", "diffutoon"] = Field(
         "chunks", description="prompts over 75 tokens: chunks = 75-token chunks, each wrapped in start/end tokens "
                               "(A1111, ComfyUI); diffutoon = as the original, the whole prompt tokenized once and "
-                              "cut into raw 77-token slices")
+                              "cut into raw 77-token slices, and each CFG half attended at its own "
+                              "length (one UNet and ControlNet call per half where they differ)")
     cross_frame_attention: bool = Field(
         False, description="the UNet's self-attention sees the tokens of all frames of one UNet batch "
                            "(unet_batch_size frames) at once, as the original's editing-signals recipe")
