@@ -119,7 +119,7 @@ def test_the_kernel_back_end_is_in_the_smoothing_fingerprint(monkeypatch):
     from diffsynth.fastblend import FastBlendConfig
     from diffsynth.stages.smooth import SmoothStage
 
-    stage = SimpleNamespace(config=FastBlendConfig(), device=torch.device("cpu"))
+    stage = SimpleNamespace(config=FastBlendConfig(), device=torch.device("cpu"), shot_starts=[0])
     monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
     torch_params = SmoothStage.params(stage)
     assert "kernels" not in torch_params

@@ -56,10 +56,10 @@ class RecordingCache(RunCache):
     """A run cache that remembers the shape of every image unit written through it."""
     shapes = []
 
-    def write(self, stage, key, data, path=None):
+    def write(self, stage, key, data, path=None, digest=None):
         if not callable(data) and bytes(data[:4]) == FRAME_MAGIC:
             self.shapes.append((stage, key, bytes_to_image(data).shape))
-        return super().write(stage, key, data, path)
+        return super().write(stage, key, data, path, digest)
 
 
 def test_crop_stores_no_source_frame_and_edge_maps_are_one_channel(demo_assets, tmp_path):
