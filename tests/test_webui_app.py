@@ -272,7 +272,7 @@ def test_the_newest_frame_beside_its_source_and_a_scrubber_over_finished_frames(
     assert not at.exception, at.exception
     captions = [c.value for c in at.caption]
     assert "result, frame 3" in captions and "source, frame 3" in captions
-    assert len(at.get("image")) == 2
+    assert len(at.get("image")) == 3  # the shot strip over the scrubber, the result and its source frame
     at.toggle(key="follow:frames").set_value(False).run()
     slider = at.slider(key="scrub:frames")
     assert (slider.min, slider.max, slider.value) == (0, 3, 3)
