@@ -124,6 +124,14 @@ def _remap_error(target_guide, source_guide, target_style, source_style, b, y, x
 
 
 @triton.jit
+def _keep_better(candidate, error, cy, cx, y, x):
+    """The match (y, x) and its error, replaced by the candidate's where its error is strictly lower (a tie keeps
+    the current match, as the torch path does)."""
+    better = candidate < error
+    return tl.where(better, cy, y), tl.where(better, cx, x), tl.where(better, candidate, error)
+
+
+@triton.jit
 def _search_kernel(target_guide, source_guide, target_style, source_style, nnf_in, error_in, nnf_out, error_out,
                    offsets, H, W, B, N, guide_scale, dy, dx, step, rounds,
                    KIND: tl.constexpr, R: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr):
@@ -149,10 +157,7 @@ def _search_kernel(target_guide, source_guide, target_style, source_style, nnf_i
                 cx = _clamp(nx + tl.load(offsets + 2 * o + 1, mask=mask, other=0).to(tl.int32), W)
                 candidate = _remap_error(target_guide, source_guide, target_style, source_style, b, y, x, cy, cx,
                                          H, W, mask, guide_scale, R, C, CP, BLOCK)
-                better = candidate < error
-                ny = tl.where(better, cy, ny)
-                nx = tl.where(better, cx, nx)
-                error = tl.where(better, candidate, error)
+                ny, nx, error = _keep_better(candidate, error, cy, cx, ny, nx)
         else:
             if KIND == 1:  # NEIGHBOUR
                 q = (b * H + _clamp(y + dy, H)) * W + _clamp(x + dx, W)
@@ -164,10 +169,7 @@ def _search_kernel(target_guide, source_guide, target_style, source_style, nnf_i
                 cx = tl.load(nnf_in + 2 * q + 1, mask=mask, other=0)
             candidate = _remap_error(target_guide, source_guide, target_style, source_style, b, y, x, cy, cx, H, W,
                                      mask, guide_scale, R, C, CP, BLOCK)
-            better = candidate < error
-            ny = tl.where(better, cy, ny)
-            nx = tl.where(better, cx, nx)
-            error = tl.where(better, candidate, error)
+            ny, nx, error = _keep_better(candidate, error, cy, cx, ny, nx)
     tl.store(nnf_out + 2 * lane, ny, mask=mask)
     tl.store(nnf_out + 2 * lane + 1, nx, mask=mask)
     tl.store(error_out + lane, error, mask=mask)
@@ -220,14 +222,8 @@ def _pair_search_kernel(target_guide, source_guide, source_style, nnf_in, error_
                 cbx = _clamp(bx + tl.load(offsets + 2 * ob + 1, mask=mask, other=0).to(tl.int32), W)
                 candidate_a, candidate_b = _pair_errors(target_guide, source_guide, source_style, a, b, y, x, cay,
                                                         cax, cby, cbx, H, W, mask, guide_weight, R, C, CP, BLOCK)
-                better_a = candidate_a < error_a
-                better_b = candidate_b < error_b
-                ay = tl.where(better_a, cay, ay)
-                ax = tl.where(better_a, cax, ax)
-                error_a = tl.where(better_a, candidate_a, error_a)
-                by = tl.where(better_b, cby, by)
-                bx = tl.where(better_b, cbx, bx)
-                error_b = tl.where(better_b, candidate_b, error_b)
+                ay, ax, error_a = _keep_better(candidate_a, error_a, cay, cax, ay, ax)
+                by, bx, error_b = _keep_better(candidate_b, error_b, cby, cbx, by, bx)
         else:
             if KIND == 1:  # NEIGHBOUR
                 qa = (a * H + _clamp(y + dy, H)) * W + _clamp(x + dx, W)
@@ -245,14 +241,8 @@ def _pair_search_kernel(target_guide, source_guide, source_style, nnf_in, error_
                 cbx = tl.load(nnf_in + 2 * qb + 1, mask=mask, other=0)
             candidate_a, candidate_b = _pair_errors(target_guide, source_guide, source_style, a, b, y, x, cay, cax,
                                                     cby, cbx, H, W, mask, guide_weight, R, C, CP, BLOCK)
-            better_a = candidate_a < error_a
-            better_b = candidate_b < error_b
-            ay = tl.where(better_a, cay, ay)
-            ax = tl.where(better_a, cax, ax)
-            error_a = tl.where(better_a, candidate_a, error_a)
-            by = tl.where(better_b, cby, by)
-            bx = tl.where(better_b, cbx, bx)
-            error_b = tl.where(better_b, candidate_b, error_b)
+            ay, ax, error_a = _keep_better(candidate_a, error_a, cay, cax, ay, ax)
+            by, bx, error_b = _keep_better(candidate_b, error_b, cby, cbx, by, bx)
     tl.store(nnf_out + 2 * la, ay, mask=mask)
     tl.store(nnf_out + 2 * la + 1, ax, mask=mask)
     tl.store(nnf_out + 2 * lb, by, mask=mask)
