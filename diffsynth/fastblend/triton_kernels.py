@@ -287,23 +287,22 @@ def remap(source: torch.Tensor, nnf: torch.Tensor, patch_size: int) -> torch.Ten
 
 def patch_error(target: torch.Tensor, source: torch.Tensor, nnf: torch.Tensor, patch_size: int) -> torch.Tensor:
     target, source, nnf = _image(target), _image(source), _field(nnf)
-    _check_size(target)
-    batch, height, width, channels = target.shape
-    out = torch.empty(batch, height, width, dtype=torch.float32, device=target.device)
-    n = batch * height * width
-    _patch_error_kernel[_grid(n)](target, nnf, source, nnf, out, height, width, n, A_AT_NNF=False,
-                                  R=patch_size // 2, C=channels, CP=triton.next_power_of_2(channels),
-                                  BLOCK=_block(n))
-    return out
+    return _patch_error(target, nnf, source, nnf, patch_size, a_at_nnf=False)
 
 
 def pairwise_patch_error(source_a, nnf_a, source_b, nnf_b, patch_size: int) -> torch.Tensor:
     source_a, source_b, nnf_a, nnf_b = _image(source_a), _image(source_b), _field(nnf_a), _field(nnf_b)
-    _check_size(source_a)
-    batch, height, width, channels = source_a.shape
-    out = torch.empty(batch, height, width, dtype=torch.float32, device=source_a.device)
+    return _patch_error(source_a, nnf_a, source_b, nnf_b, patch_size, a_at_nnf=True)
+
+
+def _patch_error(a, nnf_a, b, nnf_b, patch_size, a_at_nnf):
+    """One launch of the patch-error kernel: a's patch at each pixel (or at nnf_a, `a_at_nnf`) against b's at
+    nnf_b; (batch, H, W) float32."""
+    _check_size(a)
+    batch, height, width, channels = a.shape
+    out = torch.empty(batch, height, width, dtype=torch.float32, device=a.device)
     n = batch * height * width
-    _patch_error_kernel[_grid(n)](source_a, nnf_a, source_b, nnf_b, out, height, width, n, A_AT_NNF=True,
+    _patch_error_kernel[_grid(n)](a, nnf_a, b, nnf_b, out, height, width, n, A_AT_NNF=a_at_nnf,
                                   R=patch_size // 2, C=channels, CP=triton.next_power_of_2(channels),
                                   BLOCK=_block(n))
     return out
