@@ -23,7 +23,7 @@ process and on 2 Ray workers (the other stages reused from a base run), each pro
 each, alternating (medians); the outputs must be byte-identical. Timed from the first window's commit (so the
 workers' model loading, on their first unit, is left out) to the last denoising unit's commit.
 
-    python bench/scale.py simulated [--workers 1 2 4 8] [--frames 264] [--steps 3] [--window-s 0.5]
+    python bench/scale.py simulated [--workers 1 2 4 8] [--frames 264] [--steps 10] [--window-s 0.5]
     python bench/scale.py real [--frames 40] [--size 64]
 """
 
@@ -76,7 +76,7 @@ class SimMaps(Stage):
 
     def compute(self, key):
         if self.source is not None:
-            return bytes(reversed(self.read_bytes(self.source, key))), None
+            return np.frombuffer(self.read_bytes(self.source, key), dtype=np.uint8)[::-1].tobytes(), None
         rng = np.random.default_rng(frame_index(key))
         return rng.integers(0, 256, MAP_BYTES, dtype=np.uint8).tobytes(), None
 
@@ -98,6 +98,7 @@ class SimWindows(Stage):
     """One unit per sliding window: reads the window's latents and both maps of its frames, sleeps `window_s` (the
     model), writes an ε made from the latents and the maps (so it depends on every byte it reads)."""
     ephemeral = True
+    runs_in_order = True  # as the real windows: ControlNet residuals reused from the window before
 
     def __init__(self, ctx, step, latents, maps, window_s):
         super().__init__(ctx, [latents, *maps])
@@ -234,12 +235,29 @@ def simulate(workers, args, folder):
         "controlnet_evaluations_per_frame_step": round(
             counts["controlnet_frame_evaluations"] / (args.frames * args.steps), 3),
         "coordinator_ms_per_unit": {k: round(1000 * v / committed, 2) for k, v in counts["coordinator_s"].items()},
+        "worker_busy_s_by_stage": busy_by_stage(counts["busy_s"]),
         "units": report.units_computed, "units_dispatched": counts["units_dispatched"],
-        "units_resent": counts["units_resent"], "units_taken": counts.get("units_taken"), "final": final,
+        "units_resent": counts["units_resent"], "units_taken": counts.get("units_taken"),
+        "units_out_of_order": counts.get("units_out_of_order"),
+        "units_taken_by_stage": busy_by_stage({0: counts.get("units_taken_by_stage", {})}), "final": final,
     }
 
 
+def busy_by_stage(busy):
+    """The workers' busy seconds summed per kind of stage (`sim.000.step` and `sim.001.step` together)."""
+    total = {}
+    for stages in busy.values():
+        for name, seconds in stages.items():
+            kind = name.split(".")[0] + "." + name.split(".")[-1]
+            total[kind] = round(total.get(kind, 0) + seconds, 2)
+    return total
+
+
 def main_simulated(args):
+    # Each simulated worker is one GPU's host: given one CPU (cpus_per_worker=1), it computes with the render
+    # process's torch thread count (executor), so one. With the default (a thread per core) 8 workers' OpenMP
+    # pools would spin against each other on this machine's 2 cores and time the machine, not the executor.
+    torch.set_num_threads(1)
     folder = Path(args.folder) / f"bench-scale-{os.getpid()}"
     folder.mkdir(parents=True)
     results, reference = [], None
@@ -371,7 +389,7 @@ def main():
     simulated = modes.add_parser("simulated", help="the executor at 1280×768 with the model replaced by a sleep")
     simulated.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     simulated.add_argument("--frames", type=int, default=264)
-    simulated.add_argument("--steps", type=int, default=3)
+    simulated.add_argument("--steps", type=int, default=10, help="Diffutoon's num_inference_steps")
     simulated.add_argument("--window-s", type=float, default=0.5)
     simulated.add_argument("--target", type=float, default=7.0)
     simulated.add_argument("--folder", default="/dev/shm")

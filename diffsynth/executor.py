@@ -13,14 +13,19 @@ mirror. Bytes sent to several workers are put into Ray's object store once (`ray
 
 Locality: each stage's units are cut into one contiguous block per worker (by position in the stage's unit list, so
 frame i's latent, the windows holding frame i and frame i's step unit fall in the same block of every stage), and a
-worker computes its own block's units, taking another's only when it has nothing of its own (from the far end of the
-longest queue). So a worker computes a step's windows in order and reuses its ControlNet residuals as one process
-does, and it mostly holds every input of its units already: its own results. A per-frame step unit runs where its
-windows' ε are (no ε is sent but at the blocks' borders).
+worker computes its own block's units, taking another's only when it has nothing of its own and that is sooner than
+its owner reaching it, counting what must be sent for it (from the far end of the longest queue). A stage whose
+units reuse what the one before computed (`Stage.runs_in_order`: the windows and their ControlNet residuals) is
+given to a worker in its block's order, as one process computes it, not in the order units get ready (a block's
+first window of a step is ready last: it reads the neighbouring block's last window). So a worker reuses its
+ControlNet residuals as one process does, and it mostly holds every input of its units already: its own results.
+A per-frame step unit runs where its windows' ε are (no ε is sent but at the blocks' borders).
 
 Scheduling rests on the one declaration of what a unit reads (`Stage.reads`): a unit is dispatched as soon as every
 unit it reads is done, not stage by stage, so the windows of step k+1 start while step k finishes elsewhere.
-Each worker holds at most `IN_FLIGHT` units (one computing, one waiting, so it never idles on the coordinator).
+Each worker holds at most `IN_FLIGHT` units (one computing, one waiting, so it never idles on the coordinator), and
+up to `SHORT_IN_FLIGHT` more of the stages measured to be short (a frame's step: the ones a finished window makes
+ready go together, not one round trip after another).
 Stages marked `on_coordinator` (decoding a local file in order, encoding the video) run here, one unit at a time
 between dispatches.
 
@@ -37,6 +42,7 @@ Same bytes: every unit's result depends only on its inputs and its key (per-fram
 is byte-identical whatever the number of workers, on the same kind of device.
 """
 
+import heapq
 import logging
 import os
 import signal
@@ -54,9 +60,15 @@ from .runner import _pending, _recompute_released_inputs, _retire_finished_input
 log = logging.getLogger("diffsynth")
 
 IN_FLIGHT = 2
+# Units measured to take under SHORT_UNIT_S (a frame's combine + DDIM step: ms) do not count in IN_FLIGHT: up to
+# SHORT_IN_FLIGHT of them more are sent to a worker at once, so the per-frame steps a finished window makes ready are
+# queued on it together, not sent one round trip after another while the next step's windows wait for them.
+SHORT_UNIT_S = 0.05
+SHORT_IN_FLIGHT = 16
 ATTEMPTS = 3
 TEST_ENV_PREFIX = "DIFFSYNTH_TEST_"
 MIRROR_SHARE = 0.9  # the coordinator believes a worker holds only this share of what it keeps (orders differ a bit)
+TAKE_BYTES_PER_S = 1e9  # what a worker taking another's unit assumes its missing inputs take to reach it (~10 Gb/s)
 SHARED_REFS_BYTES = 512 << 20  # bytes the coordinator keeps in Ray's object store for the next worker needing them
 
 
@@ -125,7 +137,8 @@ class UnitWorker:
 
     def compute(self, stage_name, key, inputs):
         """`inputs`: (input stage, key) → (checksum, [ObjectRef of its bytes] or None when this worker holds them).
-        Returns (bytes, path, checksum, {"busy_s": …, work counted by the stage})."""
+        Returns (bytes, path, checksum, {"busy_s": …, "fetch_s": …, "fetched_bytes": …, work counted by the
+        stage}): the seconds computing (fetching the sent inputs included), of which fetching them."""
         started = time.perf_counter()
         self.computed += 1
         _test_kill_point(stage_name, self.computed)
@@ -134,9 +147,12 @@ class UnitWorker:
             raise NotHeld(f"{len(missing)} input(s) no longer held, e.g. {'/'.join(missing[0])}")
         sent = [(unit, digest, sent[0]) for unit, (digest, sent) in inputs.items() if sent is not None]
         units = {unit: self.held.get(digest) for unit, (digest, ref) in inputs.items() if ref is None}
+        fetch_started = time.perf_counter()
         for (unit, digest, _), data in zip(sent, self.ray.get([ref for *_, ref in sent])):
             units[unit] = data
             self.held.put(digest, data, len(data))
+        fetched = {"fetch_s": time.perf_counter() - fetch_started, "fetched_bytes": sum(
+            len(units[unit]) for unit, *_ in sent)}
         stage = self.stages[stage_name]
         counted = dict(getattr(stage, "counts", {}))
         self.shipped.units = units
@@ -147,7 +163,7 @@ class UnitWorker:
         digest = checksum(data)
         self.held.put(digest, data, len(data))
         counts = {name: value - counted.get(name, 0) for name, value in getattr(stage, "counts", {}).items()}
-        return data, path, digest, {"busy_s": time.perf_counter() - started, **counts}
+        return data, path, digest, {"busy_s": time.perf_counter() - started, **fetched, **counts}
 
     def pid(self):
         return os.getpid()
@@ -204,6 +220,8 @@ class ExecutorCounts:
         self.inputs_referenced = 0   # inputs the worker held: only their checksum was sent
         self.units_resent = 0        # a worker no longer held an input the coordinator thought it had
         self.units_taken = 0         # units a worker took from another's block (it had nothing of its own)
+        self.taken_by_stage = defaultdict(int)
+        self.units_out_of_order = 0  # units of a stage that runs in order sent before their turn (nothing else could run)
         self.work = defaultdict(int)  # counted by the stages on the workers (controlnet_frame_evaluations)
         self.busy_s = defaultdict(lambda: defaultdict(float))  # worker → stage → seconds computing
         self.coordinator_s = defaultdict(float)  # the coordinator's own work: inputs, results, commit
@@ -219,6 +237,8 @@ class ExecutorCounts:
             "controlnet_frame_evaluations": self.work.get("controlnet_frame_evaluations", 0),
             "inputs_sent": self.inputs_sent, "inputs_referenced": self.inputs_referenced,
             "units_resent": self.units_resent, "units_taken": self.units_taken,
+            "units_taken_by_stage": dict(self.taken_by_stage),
+            "units_out_of_order": self.units_out_of_order,
             "bytes_to_workers_by_stage": dict(self.bytes_to_workers),
             "bytes_from_workers_by_stage": dict(self.bytes_from_workers),
             "busy_s": {str(worker): {name: round(seconds, 3) for name, seconds in stages.items()}
@@ -345,9 +365,16 @@ class Walk:
         self.waiting = {}        # (stage name, key) → number of its inputs not done yet
         self.readers = defaultdict(list)  # input unit → pending units reading it
         self.ready = []          # per stage position, per worker (its block), a deque of ready units
+        self.is_ready = set()    # (stage name, key) of the units in those deques
+        # Stages that run in order: per (stage name, block) a heap of the positions of units not sent yet.
+        self.order = {stage.name: {key: index for index, key in enumerate(keys[stage.name])}
+                      for stage in stages if stage.runs_in_order}
+        self.unsent = defaultdict(list)
         self.internal_readers = {}  # internal unit (FastBlend table) → pending units of its stage still reading it
         self.in_flight = {}      # Ray reference → (worker index, actor, stage name, key)
         self.attempts = defaultdict(int)
+        self.stage_seconds = {}  # stage name → (workers' seconds computing, units) of its units computed so far
+        self.fetch_seconds, self.fetched_bytes = 0.0, 0  # the workers' seconds receiving inputs, and their bytes
         self.local = None        # (stage, generator) of the on-coordinator stage running
         self.records = {}        # (stage name, key) → (size, checksum) of done units, from the manifest or a commit
         mirror = int(executor.cache_bytes * MIRROR_SHARE)
@@ -375,6 +402,8 @@ class Walk:
                         missing += 1
                         self.readers[(upstream.name, upstream_key)].append((stage.name, key))
                 self.waiting[(stage.name, key)] = missing
+                if stage.name in self.order:
+                    self._unsent(stage.name, key)
                 if not missing:
                     self._make_ready(stage.name, key)
             # Tables a previous run finished with but had not yet released (it died in between).
@@ -384,8 +413,24 @@ class Walk:
         queue = self.ready[self.position[name]][self.block[name][key]]
         if first:  # a unit sent back: before the others
             queue.appendleft(key)
+            if name in self.order:
+                self._unsent(name, key)
         else:
             queue.append(key)
+        self.is_ready.add((name, key))
+
+    def _unsent(self, name, key):
+        heapq.heappush(self.unsent[(name, self.block[name][key])], (self.order[name][key], key))
+
+    def _next_in_order(self, name, block):
+        """The first unit of the block not sent yet, of a stage that runs in order."""
+        heap = self.unsent[(name, block)]
+        while heap and (heap[0][1] in self.done[name] or not self._waiting_to_send(name, heap[0][1])):
+            heapq.heappop(heap)
+        return heap[0][1] if heap else None
+
+    def _waiting_to_send(self, name, key):
+        return (name, key) in self.is_ready or self.waiting.get((name, key), 0) > 0
 
     def _ready_count(self, stage):
         return sum(len(queue) for queue in self.ready[self.position[stage.name]])
@@ -401,6 +446,8 @@ class Walk:
         try:
             while any(self.left.values()):
                 if self.stop.stop_requested:
+                    log.info("stop requested: nothing new starts; committing the %d unit(s) computing",
+                             len(self.in_flight))
                     self._drain()
                     raise Interrupted("stopped; the results that were computing are kept; run the same command "
                                       "again to resume")
@@ -421,40 +468,88 @@ class Walk:
         return True
 
     def _dispatch(self):
-        """Fill every live worker up to IN_FLIGHT from its own block, later stages first (their inputs can then be
-        released sooner); a worker with nothing in flight and nothing of its own takes another's."""
+        """Fill every live worker up to IN_FLIGHT units (and SHORT_IN_FLIGHT short ones) from its own block, later
+        stages first (their inputs can then be released sooner); a worker with nothing in flight and nothing of its
+        own takes another's."""
         while True:
-            load = [0] * self.workers
-            for worker, *_ in self.in_flight.values():
-                load[worker] += 1
-            free = [w for w in range(self.workers) if self.executor.actors[w] is not None and load[w] < IN_FLIGHT]
+            load, short_load = [0] * self.workers, [0] * self.workers
+            for worker, _, name, _ in self.in_flight.values():
+                (short_load if self._is_short(name) else load)[worker] += 1
             sent = False
-            for worker in sorted(free, key=load.__getitem__):
-                unit = self._own_unit(worker) or (self._taken_unit() if not load[worker] else None)
+            for worker in sorted(range(self.workers), key=lambda w: load[w] + short_load[w]):
+                room = (load[worker] < IN_FLIGHT, short_load[worker] < SHORT_IN_FLIGHT)
+                if self.executor.actors[worker] is None or not any(room):
+                    continue
+                idle = not load[worker] and not short_load[worker]
+                unit = (self._own_unit(worker, room, stalled=not self.in_flight)
+                        or (self._taken_unit(worker) if idle else None))
                 if unit is not None:
                     self._send(worker, *unit)
                     sent = True
             if not sent:
                 return
 
-    def _own_unit(self, worker):
+    def _is_short(self, name):
+        """Whether the stage's units have been measured to take under SHORT_UNIT_S each on the workers."""
+        busy, done = self.stage_seconds.get(name, (0.0, 0))
+        return done > 0 and busy / done < SHORT_UNIT_S
+
+    def _own_unit(self, worker, room, stalled):
+        """The next unit of the worker's own block, of the latest stage with one ready that the worker has room for
+        (`room`: for a long unit, for a short one). A stage that runs in order gives only its block's next unit, as
+        one process computes them (a window out of order would compute its ControlNet residuals again; waiting for
+        the one before is shorter), unless nothing at all is computing."""
         for position in reversed(range(len(self.stages))):
             stage, queue = self.stages[position], self.ready[position][worker]
-            if queue and not stage.on_coordinator:
-                return stage, queue.popleft()
+            if not queue or stage.on_coordinator or not room[self._is_short(stage.name)]:
+                continue
+            if stage.name in self.order:
+                key = self._next_in_order(stage.name, worker)
+                if key is not None and (stage.name, key) in self.is_ready:
+                    queue.remove(key)
+                    return stage, self._sent(stage.name, key)
+                if not stalled:
+                    continue
+                self.counts.units_out_of_order += 1
+            return stage, self._sent(stage.name, queue.popleft())
         return None
 
-    def _taken_unit(self):
+    def _sent(self, name, key):
+        self.is_ready.discard((name, key))
+        return key
+
+    def _taken_unit(self, worker):
         """The last unit of the longest queue of the latest stage with more waiting than its worker takes at once
-        (so it is behind: a slower or a new worker loading its models); the last is the farthest from where it
-        works. Taking less eagerly keeps the blocks, which is what keeps the bytes and ControlNet calls down."""
+        (so it is behind: a slower or a new worker loading its models), if taking it is worth what must be sent for
+        it; the last is the farthest from where it works. Short units are not taken: their owner is sent many at
+        once, and their inputs (a frame's step reads two windows' ε) are larger than their work. Taking less eagerly
+        keeps the blocks, which is what keeps the bytes and ControlNet calls down."""
         for position in reversed(range(len(self.stages))):
             stage = self.stages[position]
             longest = max(self.ready[position], key=len)
-            if len(longest) > 2 * IN_FLIGHT and not stage.on_coordinator:
+            if (len(longest) > 2 * IN_FLIGHT and not stage.on_coordinator and not self._is_short(stage.name)
+                    and self._worth_taking(worker, stage, longest[-1], len(longest))):
                 self.counts.units_taken += 1
-                return stage, longest.pop()
+                self.counts.taken_by_stage[stage.name] += 1
+                return stage, self._sent(stage.name, longest.pop())
         return None
+
+    def _worth_taking(self, worker, stage, key, backlog):
+        """Whether `worker` computing another's ready unit `key` is sooner than its owner reaching it: the owner
+        has `backlog` ready units of the stage before it (at the stage's measured seconds per unit); the taker
+        needs the unit's inputs it does not hold sent first (at the workers' measured bytes per second receiving,
+        TAKE_BYTES_PER_S until 64 MB have been). A per-frame step unit whose windows' ε (16× its size) would
+        travel is not; a window whose owner is still loading its models is. A stage's first unit: taken."""
+        busy, done = self.stage_seconds.get(stage.name, (0.0, 0))
+        if not done:
+            return True
+        seconds = busy / done
+        rate = self.fetched_bytes / self.fetch_seconds if self.fetched_bytes >= 64 << 20 else TAKE_BYTES_PER_S
+        held = self.held[worker]
+        missing = sum(size for size, digest in (self._record(upstream.name, upstream_key)
+                                                for upstream, upstream_key in stage.reads(key))
+                      if digest not in held)
+        return missing / rate + seconds < backlog * seconds
 
     def _send(self, worker, stage, key):
         started = time.perf_counter()
@@ -498,6 +593,7 @@ class Walk:
                 if stage.on_coordinator and self.left[stage.name] and self._all_ready(stage):
                     queues = self.ready[self.position[stage.name]]
                     pending = set().union(*queues)
+                    self.is_ready.difference_update((stage.name, key) for key in pending)
                     self.local = (stage, stage.run([key for key in self.block[stage.name] if key in pending]))
                     for queue in queues:
                         queue.clear()
@@ -531,7 +627,12 @@ class Walk:
                 self._unit_failed(worker, name, key, error)
                 continue
             self.counts.coordinator_s["results"] += time.perf_counter() - started
-            self.counts.busy_s[worker][name] += work.pop("busy_s")
+            busy, fetch_s, fetched = work.pop("busy_s"), work.pop("fetch_s"), work.pop("fetched_bytes")
+            self.counts.busy_s[worker][name] += busy
+            total, done = self.stage_seconds.get(name, (0.0, 0))
+            self.stage_seconds[name] = (total + busy - fetch_s, done + 1)
+            if fetched:
+                self.fetch_seconds, self.fetched_bytes = self.fetch_seconds + fetch_s, self.fetched_bytes + fetched
             for counted, value in work.items():
                 self.counts.work[counted] += value
             self.counts.bytes_from_workers[name] += len(data)

@@ -75,6 +75,13 @@ def test_two_workers_send_each_byte_once_and_reuse_controlnet_across_a_block(dem
     # ControlNet: each frame evaluated once per step, but for the frames the two blocks' border windows share.
     frames, steps, block = 20, 2, 2
     assert 0 < executor["controlnet_frame_evaluations"] <= frames * steps * (1 + 1 / block)
+    # Exactly as one process per block: each block's windows in order (windows of 8, stride 4), its first window
+    # evaluates its 8 frames and each later one the 4 it does not share with the one before; a window taken from
+    # another block may evaluate all its 8 again.
+    assert executor["units_out_of_order"] == 0
+    in_order = steps * 2 * (8 + (block - 1) * 4)
+    taken = sum(n for name, n in executor["units_taken_by_stage"].items() if name.endswith(".windows"))
+    assert in_order <= executor["controlnet_frame_evaluations"] <= in_order + 8 * taken, executor
     # Bytes: within 1.5× of the minimum (each latent in and out once per step, each window's ε out once, the
     # conditioning frames once per render).
     latents = manifest_sizes(run_dir, "denoise.001.step")
@@ -151,7 +158,7 @@ def test_missing_ray_is_one_line(monkeypatch):
 def test_stop_signal_commits_what_was_computing_and_starts_nothing(small_render, demo_assets, tmp_path):
     """SIGTERM (Ray's core would abort on it; the runner's handler must win): exit 3, the units that were
     computing are committed and nothing new starts, then the same command finishes with the same bytes."""
-    from diffsynth.executor import IN_FLIGHT
+    from diffsynth.executor import IN_FLIGHT, SHORT_IN_FLIGHT
 
     config = small_config(demo_assets, tmp_path / "run")
     config["executor"] = {"workers": 2}
@@ -172,7 +179,12 @@ def test_stop_signal_commits_what_was_computing_and_starts_nothing(small_render,
     assert process.returncode == 3, stderr
     assert stderr.strip().splitlines()[-1].startswith("interrupted:")
     after_signal = [unit for unit, finished in committed_units(tmp_path / "run").items() if finished > signalled_at]
-    assert len(after_signal) <= 2 * IN_FLIGHT + 1, after_signal  # in flight on the workers, and one unit here
+    # What was in flight on the workers when the stop was seen (at most IN_FLIGHT + SHORT_IN_FLIGHT each), and one
+    # unit here: nothing new started.
+    computing = [int(line.split("committing the ")[1].split()[0]) for line in
+                 (tmp_path / "run" / "render.log").read_text().splitlines() if "stop requested" in line]
+    assert len(computing) == 1 and computing[0] <= 2 * (IN_FLIGHT + SHORT_IN_FLIGHT), computing
+    assert len(after_signal) <= computing[0] + 1, (after_signal, computing)
     result = run_cli("render", path, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert outputs(tmp_path / "run") == outputs(small_render / "run")

@@ -17,6 +17,8 @@ class Stage:
     keep = "all"           # the run's data.keep policy (set by build_stages): which stages' files go once read
     kept_for_resume = False  # kept under keep=resume although its readers are done (the final latents: small, costly)
     on_coordinator = False  # its units run in the render process even with many workers (reads a local file, or serial)
+    runs_in_order = False  # its units reuse what the one before computed in the same process (ControlNet residuals):
+    #                        with many workers, a worker runs its block's units in their order, not as they get ready
 
     def __init__(self, ctx, inputs=()):
         self.ctx = ctx

@@ -66,6 +66,7 @@ class DenoiseWindowsStage(Stage):
     # call (other low bits there; the CPU's are unchanged)
     version = "3"
     ephemeral = True
+    runs_in_order = True  # a window reuses the ControlNet residuals of the frames it shares with the one before
 
     def __init__(self, ctx, step_index, latents, prompts, control_sources, num_frames, shot_starts=(0,)):
         super().__init__(ctx, [latents, prompts, *control_sources])
