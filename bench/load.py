@@ -1,13 +1,24 @@
-"""Loading in seconds: from `render` start to the first UNet call, with real-size models read from single files.
+"""Loading in seconds: from the start of `diffsynth render` to the first UNet call, with real-size models read
+from single files.
 
 Real-size SD1.5 (an LDM `.safetensors` checkpoint, float16, as the usual community checkpoints), an AnimateDiff v2
 motion module (`mm_sd_v15_v2.ckpt` layout, float32 as guoyww ships it) and two ControlNet v1.1 `.pth` files
 (float32, as lllyasviel ships them), all with random weights (written once under --models and reused; ~7 GB), no
 downloads. The render is tiny (1 frame of 64×64, 1 step) so that what is timed is the loading: the first UNet call
-aborts it. The window's ControlNet group runs before its UNet call; its compute (a few seconds on a CPU, ms on a
-GPU) is reported apart, with the process's CPU seconds (machine A is shared: wall time depends on its load). Runs
-`--runs` times, each in a fresh process (nothing cached in Python; the files stay in the page cache, as on a
-second render), and reports the medians. The free-space check (plan) is skipped (force).
+aborts it. Each run is a fresh process (nothing cached in Python; the files stay in the page cache, as on a second
+render), timed in two parts that add up to what the user waits for:
+- `startup_seconds`: from spawning the process to `import diffsynth.render` done (the interpreter, torch, diffusers,
+  transformers: what `diffsynth render` pays before its render() starts);
+- `seconds`: from render() to the first UNet forward, the free-space check (`diffsynth plan`'s VAE round trip on
+  the first frames) included unless --force.
+The window's ControlNet group runs before its UNet call; its compute (about a second on a CPU, ms on a GPU) is
+reported apart (`controlnet_seconds`) and `loading_seconds` = startup + seconds − ControlNet compute is the figure
+compared with the target. CPU seconds and page faults of the process are reported beside the wall times (machine
+A is shared: wall time depends on its load, `load_average_1min` is recorded before each run; the page faults, the
+count of pages loading touches, do not). Before each run the model files are
+read through once (`warm_seconds`), so every run starts with them in the page cache. Medians of `--runs` runs.
+Before/after on a shared machine: `--code OTHER_CHECKOUT --label before --append --runs 1` alternated with
+`--label after --append --runs 1`, so both see the same load.
 
 These files, not bench/original_diffutoon.py's (all float16), because what loading costs depends on the dtypes
 the upstream files have: the cast of a float32 motion module and ControlNets is part of it.
@@ -20,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -30,9 +42,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from diffsynth.models.convert import shipped_config
+CODE = os.environ.get("BENCH_LOAD_CODE", str(REPO))  # the checkout whose diffsynth is measured (--code)
+sys.path.insert(0, CODE)
 
 FILES = {"base": "sd15_random.safetensors", "motion": "mm_sd_v15_v2_random.ckpt",
          "controlnet_tile": "control_v11f1e_sd15_tile_random.pth",
@@ -53,6 +64,7 @@ def write_real_size_single_files(folder):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from diffsynth.models import ldm_layout
+    from diffsynth.models.convert import shipped_config
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {name: folder / file for name, file in FILES.items()}
@@ -103,9 +115,12 @@ class FirstUNetCall(Exception):
     pass
 
 
-def time_to_first_unet_call(models_folder, device, dtype):
+def time_to_first_unet_call(models_folder, device, dtype, force=False):
     """One measurement, in this process: {seconds from render() to the first UNet forward (which aborts it), CPU
-    seconds of the process meanwhile, seconds spent inside ControlNet forwards}."""
+    seconds of the process meanwhile, seconds spent inside ControlNet forwards, page faults meanwhile (each a
+    fresh or file-backed page touched: the count of the memory work, which the machine's load does not change),
+    the process's peak RSS}. `force` skips the free-space
+    check (plan), as `diffsynth render --force` does."""
     from diffusers import ControlNetModel, UNetMotionModel
 
     from diffsynth.demo import write_synthetic_clip
@@ -127,6 +142,7 @@ def time_to_first_unet_call(models_folder, device, dtype):
             if isinstance(module, UNetMotionModel):
                 synchronize()
                 seen["at"], seen["cpu_at"] = time.perf_counter(), time.process_time()
+                seen["usage"] = resource.getrusage(resource.RUSAGE_SELF)
                 raise FirstUNetCall
             if isinstance(module, ControlNetModel):
                 synchronize()
@@ -140,8 +156,9 @@ def time_to_first_unet_call(models_folder, device, dtype):
         hooks = [torch.nn.modules.module.register_module_forward_pre_hook(before),
                  torch.nn.modules.module.register_module_forward_hook(after)]
         started, cpu_started = time.perf_counter(), time.process_time()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         try:
-            render(config, progress=False, force=True)
+            render(config, progress=False, force=force)
         except FirstUNetCall:
             pass
         finally:
@@ -150,7 +167,19 @@ def time_to_first_unet_call(models_folder, device, dtype):
         if "at" not in seen:
             raise RuntimeError("the render ended without calling the UNet")
         return {"seconds": seen["at"] - started, "cpu_seconds": seen["cpu_at"] - cpu_started,
-                "controlnet_seconds": seen["controlnet_seconds"]}
+                "controlnet_seconds": seen["controlnet_seconds"],
+                "page_faults": seen["usage"].ru_minflt + seen["usage"].ru_majflt - usage.ru_minflt - usage.ru_majflt,
+                "peak_rss_gib": seen["usage"].ru_maxrss / 2**20}
+
+
+def read_through(paths):
+    """Read every file once (into the page cache, as a second render finds them); returns the seconds it took."""
+    started = time.perf_counter()
+    for path in paths:
+        with open(path, "rb") as file:
+            while file.read(1 << 24):
+                pass
+    return time.perf_counter() - started
 
 
 def main():
@@ -162,38 +191,60 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--label", default="after", help="key of this measurement in the results file")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "load.json"))
-    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a single run, printed as JSON
+    parser.add_argument("--force", action="store_true", help="skip the free-space check, as render --force")
+    parser.add_argument("--code", default=CODE, help="the checkout whose diffsynth is measured (default: this one)")
+    parser.add_argument("--append", action="store_true", help="add these runs to the label's earlier ones")
+    parser.add_argument("--spawned-at", type=float, help=argparse.SUPPRESS)  # a single run, printed as JSON
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(time_to_first_unet_call(args.models, args.device, args.dtype)))
+    if args.spawned_at is not None:
+        import diffsynth.render  # noqa: F401 - timed: what `diffsynth render` imports before render() starts
+        startup = {"startup_seconds": time.time() - args.spawned_at, "startup_cpu_seconds": time.process_time()}
+        result = {**startup, **time_to_first_unet_call(args.models, args.device, args.dtype, args.force)}
+        result["loading_seconds"] = result["startup_seconds"] + result["seconds"] - result["controlnet_seconds"]
+        print(json.dumps(result))
         return
+    code = subprocess.run(["git", "-C", args.code, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=False).stdout.strip()
     started = time.perf_counter()
-    write_real_size_single_files(args.models)
+    paths = write_real_size_single_files(args.models)
     print(f"model files ready in {args.models} ({time.perf_counter() - started:.0f} s)", flush=True)
     runs = []
     for run in range(args.runs):
-        result = subprocess.run([sys.executable, __file__, "--one", "--models", args.models, "--device", args.device,
-                                 "--dtype", args.dtype], capture_output=True, text=True, cwd=REPO, check=False,
-                                env=dict(os.environ, PYTHONPATH=str(REPO)))
+        warm_seconds = read_through(paths.values())
+        load_average = os.getloadavg()[0]
+        command = [sys.executable, __file__, "--models", args.models, "--device", args.device, "--dtype",
+                   args.dtype, *(["--force"] if args.force else []), "--spawned-at", repr(time.time())]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=args.code, check=False,
+                                env=dict(os.environ, PYTHONPATH=args.code, BENCH_LOAD_CODE=args.code))
         if result.returncode != 0:
             sys.exit(f"bench/load.py: run {run + 1} failed:\n{result.stderr[-3000:]}")
-        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
-        print(f"run {run + 1}: {runs[-1]['seconds']:.2f} s from render() to the first UNet call "
-              f"({runs[-1]['controlnet_seconds']:.2f} s of it in the ControlNets' forward; "
-              f"{runs[-1]['cpu_seconds']:.1f} CPU s)", flush=True)
+        runs.append({**json.loads(result.stdout.strip().splitlines()[-1]), "load_average_1min": load_average,
+                     "warm_seconds": warm_seconds, "code": code})
+        one = runs[-1]
+        print(f"run {run + 1} (load {load_average:.1f}): {one['loading_seconds']:.2f} s of loading = "
+              f"{one['startup_seconds']:.2f} s start-up and imports + {one['seconds']:.2f} s from render() to the "
+              f"first UNet call - {one['controlnet_seconds']:.2f} s ControlNet compute; "
+              f"{one['startup_cpu_seconds'] + one['cpu_seconds']:.1f} CPU s, {one['page_faults']} page faults, "
+              f"peak RSS {one['peak_rss_gib']:.1f} GiB", flush=True)
     device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
                    else f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores")
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-    results[args.label] = {"device": device_name, "torch_dtype": args.dtype, "runs": runs,
-                           "load_average_1min": os.getloadavg()[0], "median_seconds": median["seconds"],
-                           "median_controlnet_seconds": median["controlnet_seconds"],
-                           "median_cpu_seconds": median["cpu_seconds"]}
+    for one in runs:
+        one["total_cpu_seconds"] = one["startup_cpu_seconds"] + one["cpu_seconds"]
+    if args.append and args.label in results:
+        runs = results[args.label]["runs"] + runs
+    median = {key: statistics.median(run[key] for run in runs) for key, value in runs[0].items()
+              if isinstance(value, (int, float))}
+    target = 10.0 if args.device.startswith("cuda") else 15.0
+    results[args.label] = {"device": device_name, "torch_dtype": args.dtype, "plan_skipped": args.force, "runs": runs, "target_loading_seconds": target,
+                           **{f"median_{key}": value for key, value in median.items()}}
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"median {median['seconds']:.2f} s to the first UNet call, {median['controlnet_seconds']:.2f} s of it "
-          f"ControlNet compute, {median['cpu_seconds']:.1f} CPU s (target <= 15 s on machine A's CPU, <= 10 s on "
-          f"a GPU); wrote {out}")
+    print(f"median {median['loading_seconds']:.2f} s of loading (start-up {median['startup_seconds']:.2f} s + "
+          f"render() to the first UNet call {median['seconds']:.2f} s, less {median['controlnet_seconds']:.2f} s "
+          f"ControlNet compute), target <= {target:.0f} s: {median['loading_seconds'] / target:.2f}x the target; "
+          f"{median['total_cpu_seconds']:.1f} CPU s, {median['page_faults']:.0f} page faults; median load average {median['load_average_1min']:.1f}; "
+          f"wrote {out}")
 
 
 if __name__ == "__main__":
