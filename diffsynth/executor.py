@@ -371,7 +371,8 @@ class Walk:
                       for stage in stages if stage.runs_in_order}
         self.unsent = defaultdict(list)
         self.internal_readers = {}  # internal unit (FastBlend table) → pending units of its stage still reading it
-        self.in_flight = {}      # Ray reference → (worker index, actor, stage name, key)
+        self.in_flight = {}      # Ray reference → (worker index, actor, stage name, key, short)
+        self.load = [[0, 0] for _ in range(workers)]  # per worker: long units in flight, short ones
         self.attempts = defaultdict(int)
         self.stage_seconds = {}  # stage name → (workers' seconds computing, units) of its units computed so far
         self.fetch_seconds, self.fetched_bytes = 0.0, 0  # the workers' seconds receiving inputs, and their bytes
@@ -468,19 +469,16 @@ class Walk:
         return True
 
     def _dispatch(self):
-        """Fill every live worker up to IN_FLIGHT units (and SHORT_IN_FLIGHT short ones) from its own block, later
-        stages first (their inputs can then be released sooner); a worker with nothing in flight and nothing of its
-        own takes another's."""
+        """Fill every live worker up to IN_FLIGHT units (and SHORT_IN_FLIGHT short ones) from its own block; a
+        worker with nothing in flight and nothing of its own takes another's."""
         while True:
-            load, short_load = [0] * self.workers, [0] * self.workers
-            for worker, _, name, _ in self.in_flight.values():
-                (short_load if self._is_short(name) else load)[worker] += 1
             sent = False
-            for worker in sorted(range(self.workers), key=lambda w: load[w] + short_load[w]):
-                room = (load[worker] < IN_FLIGHT, short_load[worker] < SHORT_IN_FLIGHT)
+            for worker in sorted(range(self.workers), key=lambda w: sum(self.load[w])):
+                long_load, short_load = self.load[worker]
+                room = (long_load < IN_FLIGHT, short_load < SHORT_IN_FLIGHT)
                 if self.executor.actors[worker] is None or not any(room):
                     continue
-                idle = not load[worker] and not short_load[worker]
+                idle = not long_load and not short_load
                 unit = (self._own_unit(worker, room, stalled=not self.in_flight)
                         or (self._taken_unit(worker) if idle else None))
                 if unit is not None:
@@ -498,10 +496,19 @@ class Walk:
         """The next unit of the worker's own block, of the latest stage with one ready that the worker has room for
         (`room`: for a long unit, for a short one). A stage that runs in order gives only its block's next unit, as
         one process computes them (a window out of order would compute its ControlNet residuals again; waiting for
-        the one before is shorter), unless nothing at all is computing."""
-        for position in reversed(range(len(self.stages))):
+        the one before is shorter), unless nothing at all is computing.
+
+        Earlier stages first, as one process runs them: a block's last window of step k is what the next block's
+        first window of step k+1 waits for, so a worker that ran ahead to its later steps would stall the others;
+        and a block's initial latents, queued behind windows, would hold up the next block's first window."""
+        for position in range(len(self.stages)):
             stage, queue = self.stages[position], self.ready[position][worker]
-            if not queue or stage.on_coordinator or not room[self._is_short(stage.name)]:
+            if not queue or stage.on_coordinator:
+                continue
+            short = self._is_short(stage.name)
+            if not room[short]:
+                if short:  # no long unit of a later stage is queued ahead of these on the worker
+                    return None
                 continue
             if stage.name in self.order:
                 key = self._next_in_order(stage.name, worker)
@@ -526,7 +533,9 @@ class Walk:
         keeps the blocks, which is what keeps the bytes and ControlNet calls down."""
         for position in reversed(range(len(self.stages))):
             stage = self.stages[position]
-            longest = max(self.ready[position], key=len)
+            # (Not its own block: what it has not been given of that is not its turn yet.)
+            longest = max((queue for block, queue in enumerate(self.ready[position]) if block != worker), key=len,
+                          default=())
             if (len(longest) > 2 * IN_FLIGHT and not stage.on_coordinator and not self._is_short(stage.name)
                     and self._worth_taking(worker, stage, longest[-1], len(longest))):
                 self.counts.units_taken += 1
@@ -572,7 +581,9 @@ class Walk:
             counts.inputs_sent += 1
             counts.bytes_to_workers[stage.name] += size
         actor = self.executor.actors[worker]
-        self.in_flight[actor.compute.remote(stage.name, key, inputs)] = (worker, actor, stage.name, key)
+        short = self._is_short(stage.name)
+        self.in_flight[actor.compute.remote(stage.name, key, inputs)] = (worker, actor, stage.name, key, short)
+        self.load[worker][short] += 1
         counts.units_dispatched += 1
         counts.coordinator_s["inputs"] += time.perf_counter() - started
 
@@ -613,9 +624,13 @@ class Walk:
         return self._ready_count(stage) == self.left[stage.name]
 
     def _collect(self, timeout):
-        references, _ = self.ray.wait(list(self.in_flight), num_returns=1, timeout=timeout)
+        waiting = list(self.in_flight)
+        references, _ = self.ray.wait(waiting, num_returns=len(waiting), timeout=0)  # all that are done
+        if not references:
+            references, _ = self.ray.wait(waiting, num_returns=1, timeout=timeout)
         for reference in references:
-            worker, actor, name, key = self.in_flight.pop(reference)
+            worker, actor, name, key, short = self.in_flight.pop(reference)
+            self.load[worker][short] -= 1
             started = time.perf_counter()
             try:
                 data, path, digest, work = self.ray.get(reference)
