@@ -50,6 +50,7 @@ import sys
 import time
 from collections import OrderedDict, defaultdict, deque
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -137,7 +138,7 @@ class UnitWorker:
 
     def compute(self, stage_name, key, inputs):
         """`inputs`: (input stage, key) → (checksum, [ObjectRef of its bytes] or None when this worker holds them).
-        Returns (bytes, path, checksum, {"busy_s": …, "fetch_s": …, "fetched_bytes": …, work counted by the
+        Returns (bytes as a uint8 array, path, checksum, {"busy_s": …, "fetch_s": …, "fetched_bytes": …, work counted by the
         stage}): the seconds computing (fetching the sent inputs included), of which fetching them."""
         started = time.perf_counter()
         self.computed += 1
@@ -163,7 +164,10 @@ class UnitWorker:
         digest = checksum(data)
         self.held.put(digest, data, len(data))
         counts = {name: value - counted.get(name, 0) for name, value in getattr(stage, "counts", {}).items()}
-        return data, path, digest, {"busy_s": time.perf_counter() - started, **fetched, **counts}
+        # As an array: Ray hands the coordinator a view of the object store's copy (no copy into its heap), which it
+        # writes to the run folder from there.
+        result = np.frombuffer(data, dtype=np.uint8)
+        return result, path, digest, {"busy_s": time.perf_counter() - started, **fetched, **counts}
 
     def pid(self):
         return os.getpid()
