@@ -223,8 +223,7 @@ class ExecutorCounts:
         self.inputs_sent = 0         # inputs sent as bytes
         self.inputs_referenced = 0   # inputs the worker held: only their checksum was sent
         self.units_resent = 0        # a worker no longer held an input the coordinator thought it had
-        self.units_taken = 0         # units a worker took from another's block (it had nothing of its own)
-        self.taken_by_stage = defaultdict(int)
+        self.taken_by_stage = defaultdict(int)  # units a worker took from another's block (it had nothing of its own)
         self.units_out_of_order = 0  # units of a stage that runs in order sent before their turn (nothing else could run)
         self.work = defaultdict(int)  # counted by the stages on the workers (controlnet_frame_evaluations)
         self.busy_s = defaultdict(lambda: defaultdict(float))  # worker → stage → seconds computing
@@ -240,7 +239,7 @@ class ExecutorCounts:
             "units_dispatched": self.units_dispatched,
             "controlnet_frame_evaluations": self.work.get("controlnet_frame_evaluations", 0),
             "inputs_sent": self.inputs_sent, "inputs_referenced": self.inputs_referenced,
-            "units_resent": self.units_resent, "units_taken": self.units_taken,
+            "units_resent": self.units_resent, "units_taken": sum(self.taken_by_stage.values()),
             "units_taken_by_stage": dict(self.taken_by_stage),
             "units_out_of_order": self.units_out_of_order,
             "bytes_to_workers_by_stage": dict(self.bytes_to_workers),
@@ -491,13 +490,18 @@ class Walk:
             if not sent:
                 return
 
+    def _seconds_per_unit(self, name):
+        """The workers' mean seconds computing one of the stage's units so far; None before the first."""
+        busy, done = self.stage_seconds.get(name, (0.0, 0))
+        return busy / done if done else None
+
     def _is_short(self, name):
         """Whether the stage's units have been measured to take under SHORT_UNIT_S each on the workers."""
-        busy, done = self.stage_seconds.get(name, (0.0, 0))
-        return done > 0 and busy / done < SHORT_UNIT_S
+        seconds = self._seconds_per_unit(name)
+        return seconds is not None and seconds < SHORT_UNIT_S
 
     def _own_unit(self, worker, room, stalled):
-        """The next unit of the worker's own block, of the latest stage with one ready that the worker has room for
+        """The next unit of the worker's own block, of the earliest stage with one ready that the worker has room for
         (`room`: for a long unit, for a short one). A stage that runs in order gives only its block's next unit, as
         one process computes them (a window out of order would compute its ControlNet residuals again; waiting for
         the one before is shorter), unless nothing at all is computing.
@@ -542,7 +546,6 @@ class Walk:
                           default=())
             if (len(longest) > 2 * IN_FLIGHT and not stage.on_coordinator and not self._is_short(stage.name)
                     and self._worth_taking(worker, stage, longest[-1], len(longest))):
-                self.counts.units_taken += 1
                 self.counts.taken_by_stage[stage.name] += 1
                 return stage, self._sent(stage.name, longest.pop())
         return None
@@ -553,10 +556,9 @@ class Walk:
         needs the unit's inputs it does not hold sent first (at the workers' measured bytes per second receiving,
         TAKE_BYTES_PER_S until 64 MB have been). A per-frame step unit whose windows' ε (16× its size) would
         travel is not; a window whose owner is still loading its models is. A stage's first unit: taken."""
-        busy, done = self.stage_seconds.get(stage.name, (0.0, 0))
-        if not done:
+        seconds = self._seconds_per_unit(stage.name)
+        if seconds is None:
             return True
-        seconds = busy / done
         rate = self.fetched_bytes / self.fetch_seconds if self.fetched_bytes >= 64 << 20 else TAKE_BYTES_PER_S
         held = self.held[worker]
         missing = sum(size for size, digest in (self._record(upstream.name, upstream_key)
@@ -628,10 +630,10 @@ class Walk:
         return self._ready_count(stage) == self.left[stage.name]
 
     def _collect(self, timeout):
-        waiting = list(self.in_flight)
-        references, _ = self.ray.wait(waiting, num_returns=len(waiting), timeout=0)  # all that are done
+        computing = list(self.in_flight)
+        references, _ = self.ray.wait(computing, num_returns=len(computing), timeout=0)  # all that are done
         if not references:
-            references, _ = self.ray.wait(waiting, num_returns=1, timeout=timeout)
+            references, _ = self.ray.wait(computing, num_returns=1, timeout=timeout)
         for reference in references:
             worker, actor, name, key, short = self.in_flight.pop(reference)
             self.load[worker][short] -= 1
