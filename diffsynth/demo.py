@@ -116,15 +116,20 @@ def ensure_demo_assets(folder=DEMO_ASSETS):
     """Create the demo clip and tiny models under `folder` unless they are there already."""
     from .models.tiny import write_tiny_models
 
+    from filelock import FileLock  # a dependency of torch and huggingface_hub; works on every OS
+
     folder = Path(folder)
-    marker = folder / "models" / "COMPLETE"
-    if not marker.exists():
-        write_tiny_models(folder / "models")
-        marker.write_text("tiny models written by diffsynth.models.tiny\n")
-    clip = folder / "clip.mp4"
-    if not clip.exists():
-        write_synthetic_clip(clip.with_suffix(".partial.mp4"))
-        clip.with_suffix(".partial.mp4").rename(clip)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Two processes may ask at once (the web UI and a CLI, or parallel test workers): one writes, the other waits.
+    with FileLock(str(folder / ".writing.lock")):
+        marker = folder / "models" / "COMPLETE"
+        if not marker.exists():
+            write_tiny_models(folder / "models")
+            marker.write_text("tiny models written by diffsynth.models.tiny\n")
+        clip = folder / "clip.mp4"
+        if not clip.exists():
+            write_synthetic_clip(clip.with_suffix(".partial.mp4"))
+            clip.with_suffix(".partial.mp4").rename(clip)
     return folder
 
 
