@@ -17,13 +17,8 @@ demo: $(STAMP)
 	$(BIN)/diffsynth demo
 	$(BIN)/diffsynth status runs/demo
 
-# Test files spread over up to 4 processes (pytest-xdist, a file per process so module fixtures are built once),
-# then the Ray tests by themselves: their worker processes need the cores, and slowed 4x beside other tests.
-TEST_JOBS ?= $(shell n=$$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
-
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not alone" --durations=10
-	$(BIN)/python -m pytest -q -m alone --durations=5
+	$(BIN)/python -m pytest -q --durations=10
 
 webui: $(STAMP)
 	$(BIN)/streamlit run webui.py --server.address 127.0.0.1

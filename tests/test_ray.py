@@ -25,8 +25,6 @@ pytest.importorskip("ray")
 
 import torch  # noqa: E402
 
-pytestmark = pytest.mark.alone  # `make test` runs these by themselves, after the parallel part
-
 from diffsynth.cache import bytes_to_tensors, tensors_to_bytes  # noqa: E402
 
 
