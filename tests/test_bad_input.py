@@ -137,11 +137,19 @@ def test_an_output_folder_holding_someone_elses_files_is_refused_and_left_untouc
 
 
 def test_malformed_test_hang_variable_and_window_size_zero_are_one_line_errors(demo_assets, tmp_path):
+    from diffsynth.cache import parse_kill_point
+    from diffsynth.errors import UserError
+    # Every malformed form is refused by the parser; one of them goes through the CLI (a render process each costs
+    # ~10 s of the suite, and they all reach the same parser).
+    for spec in ("decode", "decode:x", "nowhere@decode:1", "decode:0", "before_commit@:2", "retire@decode:-1"):
+        with pytest.raises(UserError, match="DIFFSYNTH_TEST_HANG_AT"):
+            parse_kill_point(spec)
+    assert parse_kill_point("decode:2") == ("before_rename", "decode", 2)
+    assert parse_kill_point("release@smooth.final:3") == ("release", "smooth.final", 3)
     config = write_config(tmp_path / "config.yaml", small_config(demo_assets, tmp_path / "run"))
-    for spec in ("decode", "decode:x", "nowhere@decode:1", "decode:0"):
-        result = run_cli("render", config, "--no-progress", env={"DIFFSYNTH_TEST_HANG_AT": spec})
-        assert result.returncode == 2, (spec, result.stderr)
-        assert result.stderr.strip().startswith("error: DIFFSYNTH_TEST_HANG_AT") and "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
+    result = run_cli("render", config, "--no-progress", env={"DIFFSYNTH_TEST_HANG_AT": "nowhere@decode:1"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().startswith("error: DIFFSYNTH_TEST_HANG_AT") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     result = run_cli("render", config, "--no-progress", "--set", "smoother_configs.0.config.window_size=0")
     assert result.returncode == 2 and "window_size" in result.stderr and "Traceback" not in result.stderr
