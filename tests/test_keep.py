@@ -71,7 +71,7 @@ def test_switching_policy_on_a_finished_run_computes_nothing_and_releases(small_
         check_kept(run_dir, "outputs" if policy == "all" else policy)
 
 
-@pytest.mark.parametrize("policy,kill_points", [  # `all` (the default) is killed 21 times in tests/test_rework.py
+@pytest.mark.parametrize("policy,kill_points", [  # `all` (the default) is killed 19 times in tests/test_rework.py
     # latents go once step 0 is done; the crop and the decoded frames once the final smoothing is; its frames once
     # the video is written.
     ("resume", ["retire@latents:1", "vae_decode:6", "retire@crop:1", "retire@smooth.final:1"]),
