@@ -114,9 +114,9 @@ def write_clip(path, frames, width, height, fps=12, audio=False):
 
 def ensure_demo_assets(folder=DEMO_ASSETS):
     """Create the demo clip and tiny models under `folder` unless they are there already."""
-    from .models.tiny import write_tiny_models
-
     from filelock import FileLock  # a dependency of torch and huggingface_hub; works on every OS
+
+    from .models.tiny import write_tiny_models
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

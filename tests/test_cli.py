@@ -3,6 +3,7 @@ warnings, and a make target that must never delete renders."""
 
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -76,3 +77,31 @@ def test_caching_a_read_only_frame_warns_nothing():
 def test_make_clean_never_deletes_renders():
     dry_run = subprocess.run(["make", "-n", "clean"], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert "rm -rf" in dry_run and "runs" not in dry_run
+
+
+def test_two_processes_asking_for_the_demo_assets_at_once_write_them_once(tmp_path):
+    """The web UI and `diffsynth demo` (or two test processes) may both find the assets missing: one writes, the
+    other waits and reuses them. Counted: how many times the models and the clip were written."""
+    script = (
+        "import sys, time, pathlib\n"
+        "import diffsynth.demo as demo, diffsynth.models.tiny as tiny\n"
+        "write_models, write_clip = tiny.write_tiny_models, demo.write_synthetic_clip\n"
+        "tiny.write_tiny_models = lambda f: (print('models written', flush=True), write_models(f))[1]\n"
+        "demo.write_synthetic_clip = lambda p: (print('clip written', flush=True), write_clip(p))[1]\n"
+        "go = pathlib.Path(sys.argv[2])\n"
+        "pathlib.Path(sys.argv[3]).touch()\n"
+        "while not go.exists(): time.sleep(0.01)\n"
+        "demo.ensure_demo_assets(sys.argv[1])\n"
+    )
+    folder, go = tmp_path / "assets", tmp_path / "go"
+    ready = [tmp_path / f"ready{n}" for n in range(2)]
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(folder), str(go), str(flag)],
+                                  stdout=subprocess.PIPE, text=True) for flag in ready]
+    while not all(flag.exists() for flag in ready):  # both imported and waiting: they start together
+        assert all(process.poll() is None for process in processes), "a process died before starting"
+        time.sleep(0.05)
+    go.touch()
+    printed = "".join(process.communicate(timeout=300)[0] for process in processes)
+    assert [process.returncode for process in processes] == [0, 0]
+    assert printed.count("models written") == 1 and printed.count("clip written") == 1, printed
+    assert (folder / "models" / "COMPLETE").exists() and (folder / "clip.mp4").stat().st_size > 0
