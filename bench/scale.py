@@ -253,13 +253,34 @@ def busy_by_stage(busy):
     return total
 
 
+MARKER = "made-by-bench-scale"
+
+
+def remove_folders_of_killed_runs(parent):
+    """A SIGKILLed run leaves its bench-scale-<pid> folder (GBs on /dev/shm): delete those this script made (they
+    hold its marker) whose process is gone."""
+    for folder in parent.glob("bench-scale-*"):
+        pid = folder.name.removeprefix("bench-scale-")
+        if not pid.isdigit() or not (folder / MARKER).is_file():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            print(f"removing {folder}, left by a killed run", flush=True)
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
 def main_simulated(args):
     # Each simulated worker is one GPU's host: given one CPU (cpus_per_worker=1), it computes with the render
     # process's torch thread count (executor), so one. With the default (a thread per core) 8 workers' OpenMP
     # pools would spin against each other on this machine's 2 cores and time the machine, not the executor.
     torch.set_num_threads(1)
+    remove_folders_of_killed_runs(Path(args.folder))
     folder = Path(args.folder) / f"bench-scale-{os.getpid()}"
     folder.mkdir(parents=True)
+    (folder / MARKER).write_text(f"made by bench/scale.py, process {os.getpid()}\n")
     results, reference = [], None
     try:
         for workers in args.workers:
