@@ -138,8 +138,8 @@ class UnitWorker:
 
     def compute(self, stage_name, key, inputs):
         """`inputs`: (input stage, key) → (checksum, [ObjectRef of its bytes] or None when this worker holds them).
-        Returns (bytes as a uint8 array, path, checksum, {"busy_s": …, "fetch_s": …, "fetched_bytes": …, work counted by the
-        stage}): the seconds computing (fetching the sent inputs included), of which fetching them."""
+        Returns (bytes as a uint8 array, path, checksum, {"busy_s": …, "fetch_s": …, "fetched_bytes": …, work
+        counted by the stage}): the seconds computing (fetching the sent inputs included), of which fetching them."""
         started = time.perf_counter()
         self.computed += 1
         _test_kill_point(stage_name, self.computed)

@@ -3,7 +3,9 @@
 import pytest
 from helpers import run_cli, small_config, write_config
 
+from diffsynth.cache import parse_kill_point
 from diffsynth.cli import main
+from diffsynth.errors import UserError
 
 
 def render_exit(capsys, tmp_path, config):
@@ -137,8 +139,6 @@ def test_an_output_folder_holding_someone_elses_files_is_refused_and_left_untouc
 
 
 def test_malformed_test_hang_variable_and_window_size_zero_are_one_line_errors(demo_assets, tmp_path):
-    from diffsynth.cache import parse_kill_point
-    from diffsynth.errors import UserError
     # Every malformed form is refused by the parser; one of them goes through the CLI (a render process each costs
     # ~10 s of the suite, and they all reach the same parser).
     for spec in ("decode", "decode:x", "nowhere@decode:1", "decode:0", "before_commit@:2", "retire@decode:-1"):
