@@ -17,7 +17,9 @@ def small_render(demo_assets, tmp_path_factory):
     Returns the folder holding `run/` (the run folder). Tests copy it before changing anything."""
     folder = tmp_path_factory.mktemp("small_render")
     config = write_config(folder / "config.yaml", small_config(demo_assets, folder / "run"))
-    result = run_cli("render", config, "--no-progress")
+    # A real process (not forked by the tests' fork server): the renders the tests compare with it are forked, so
+    # this also checks that forking changes no byte.
+    result = run_cli("render", config, "--no-progress", fresh=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("video.mp4")
     return folder

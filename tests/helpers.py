@@ -1,11 +1,18 @@
 """Helpers shared by the test modules (imported as `helpers`; conftest.py holds the fixtures)."""
 
+import atexit
+import json
 import os
 import random
+import select
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,11 +54,135 @@ def write_config(path, config):
     return path
 
 
-def run_cli(*args, env=None, timeout=600):
-    """Run `python -m diffsynth ARGS` in a subprocess; returns CompletedProcess (text)."""
+# `python -m diffsynth` processes are forked from one process that has imported the program (tests/
+# cli_forkserver.py): ~9 s of imports saved per process. Set DIFFSYNTH_TESTS_FRESH_PROCESSES=1 to start real ones.
+FRESH_PROCESSES = os.environ.get("DIFFSYNTH_TESTS_FRESH_PROCESSES") == "1"
+_forkserver = {}
+
+
+def _forkserver_socket():
+    """The fork server's socket path, starting the server on first use (one per pytest process)."""
+    if "socket" not in _forkserver:
+        folder = tempfile.mkdtemp(prefix="diffsynth-forkserver-")
+        path = os.path.join(folder, "socket")
+        server = subprocess.Popen([sys.executable, "-u", str(REPO / "tests" / "cli_forkserver.py"), path],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, cwd=REPO)
+        if server.stdout.readline().strip() != b"ready":
+            raise RuntimeError(f"the test fork server did not start (exit {server.wait()})")
+
+        def stop():
+            server.kill()
+            server.wait()
+            shutil.rmtree(folder, ignore_errors=True)
+        atexit.register(stop)
+        _forkserver["socket"] = path
+    return _forkserver["socket"]
+
+
+class ForkedCli:
+    """A `python -m diffsynth ARGS` process forked by the fork server, with the parts of subprocess.Popen the
+    tests use: pid, stdout/stderr (PIPE, DEVNULL or inherited), poll, wait, communicate, send_signal, kill."""
+
+    def __init__(self, args, env, stdout, stderr, text):
+        self.args, self.returncode, self._buffer = args, None, b""
+        self._connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._connection.connect(_forkserver_socket())
+        child_ends = [os.open(os.devnull, os.O_RDONLY)]
+        self.stdout = self.stderr = None
+        for name, spec, inherited in (("stdout", stdout, 1), ("stderr", stderr, 2)):
+            if spec == subprocess.PIPE:
+                read_end, write_end = os.pipe()
+                setattr(self, name, open(read_end, "r" if text else "rb"))
+                child_ends.append(write_end)
+            elif spec == subprocess.DEVNULL:
+                child_ends.append(os.open(os.devnull, os.O_WRONLY))
+            else:
+                child_ends.append(os.dup(inherited))
+        request = json.dumps({"argv": list(args), "env": env, "cwd": str(REPO)}).encode()
+        socket.send_fds(self._connection, [request], child_ends)
+        for descriptor in child_ends:
+            os.close(descriptor)
+        self.pid = int(self._read_line(None).split()[1])
+
+    def _read_line(self, timeout):
+        """The server's next line; None if it has not come within `timeout` seconds (None: wait for it)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self._connection], [], [], left)[0]:
+                return None
+            chunk = self._connection.recv(4096)
+            if not chunk:
+                raise RuntimeError("the test fork server went away")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    def poll(self):
+        if self.returncode is None:
+            line = self._read_line(0)
+            if line is not None:
+                self.returncode = int(line.split()[1])
+                self._connection.close()
+        return self.returncode
+
+    def wait(self, timeout=None):
+        if self.returncode is None:
+            line = self._read_line(timeout)
+            if line is None:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = int(line.split()[1])
+            self._connection.close()
+        return self.returncode
+
+    def communicate(self, timeout=None):
+        read = {}
+        readers = [threading.Thread(target=lambda name, pipe: read.__setitem__(name, pipe.read()), args=(name, pipe),
+                                    daemon=True)
+                   for name, pipe in (("stdout", self.stdout), ("stderr", self.stderr))
+                   if pipe is not None and not pipe.closed]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if reader.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        for pipe in (self.stdout, self.stderr):
+            if pipe is not None:
+                pipe.close()
+        return read.get("stdout"), read.get("stderr")
+
+    def send_signal(self, signum):
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+def start_cli(*args, env=None, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, fresh=False):
+    """Start `python -m diffsynth ARGS` in the repository with os.environ + PYTHONUNBUFFERED + `env`: forked by the
+    fork server, or a real process with `fresh` (or DIFFSYNTH_TESTS_FRESH_PROCESSES=1)."""
+    args = [str(arg) for arg in args]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "diffsynth", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=REPO)
+    if fresh or FRESH_PROCESSES:
+        return subprocess.Popen([sys.executable, "-m", "diffsynth", *args], stdout=stdout, stderr=stderr,
+                                text=text, env=full_env, cwd=REPO)
+    return ForkedCli(args, full_env, stdout, stderr, text)
+
+
+def run_cli(*args, env=None, timeout=600, fresh=False):
+    """Run `python -m diffsynth ARGS` to its end (see start_cli); returns a CompletedProcess (text)."""
+    process = start_cli(*args, env=env, fresh=fresh)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def outputs(run_dir):
@@ -62,9 +193,8 @@ def outputs(run_dir):
 
 def render_until_hang(config, hang_at, timeout=300):
     """Start a render that hangs mid-write at `hang_at`, then SIGKILL it. Returns the time of the kill."""
-    env = dict(os.environ, DIFFSYNTH_TEST_HANG_AT=hang_at, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, "-m", "diffsynth", "render", str(config), "--no-progress"],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
+    process = start_cli("render", config, "--no-progress", env={"DIFFSYNTH_TEST_HANG_AT": hang_at},
+                        stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     try:
         for line in process.stdout:

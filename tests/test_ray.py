@@ -18,6 +18,7 @@ from helpers import (
     render_until_hang,
     run_cli,
     small_config,
+    start_cli,
     write_config,
 )
 
@@ -163,8 +164,7 @@ def test_stop_signal_commits_what_was_computing_and_starts_nothing(small_render,
     config = small_config(demo_assets, tmp_path / "run")
     config["executor"] = {"workers": 2}
     path = write_config(tmp_path / "config.yaml", config)
-    process = subprocess.Popen([sys.executable, "-m", "diffsynth", "render", str(path), "--no-progress"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    process = start_cli("render", path, "--no-progress", stdout=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while len(committed_units(tmp_path / "run")) < 40:

@@ -1,22 +1,20 @@
 """Resume after a real SIGKILL, in each kind of stage: the final frames and video are byte-identical to an
 uninterrupted render, and the units finished before the kill are not recomputed."""
 
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 
 import pytest
 from helpers import (
-    REPO,
     committed_units,
     outputs,
     recomputed,
     render_until_hang,
     run_cli,
     small_config,
+    start_cli,
     write_config,
 )
 
@@ -52,9 +50,7 @@ def test_sigterm_stops_cleanly_with_exit_3_and_a_second_render_is_refused(demo_a
     data = small_config(demo_assets, tmp_path / "run", unet_batch_size=1)
     data["data"]["input_frames"]["end_frame_id"] = 48
     config = write_config(tmp_path / "config.yaml", data)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, "-m", "diffsynth", "render", str(config), "--no-progress"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    process = start_cli("render", config, "--no-progress", stdout=subprocess.DEVNULL)
     try:
         manifest = tmp_path / "run" / "manifest.sqlite"
         deadline = time.time() + 300

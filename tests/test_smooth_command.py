@@ -3,13 +3,12 @@
 import os
 import signal
 import subprocess
-import sys
 from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
-from helpers import REPO, run_cli
+from helpers import run_cli, start_cli
 
 from diffsynth.demo import synthetic_frame, write_synthetic_clip
 from diffsynth.video import read_video_frames
@@ -68,9 +67,8 @@ def test_killed_smoothing_resumes_to_identical_bytes(videos, tmp_path):
     guide, style = videos
     args = ["smooth", "--guide", guide, "--style", style, "--no-progress", *SETTINGS]
     assert run_cli(*args, "-o", tmp_path / "reference.mp4").returncode == 0
-    env = dict(os.environ, DIFFSYNTH_TEST_HANG_AT="smooth:10", PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, "-m", "diffsynth", *map(str, args), "-o", str(tmp_path / "out.mp4")],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
+    process = start_cli(*args, "-o", tmp_path / "out.mp4", env={"DIFFSYNTH_TEST_HANG_AT": "smooth:10"},
+                        stderr=subprocess.DEVNULL)
     for line in process.stdout:
         if line.startswith("HANGING"):
             break
