@@ -138,8 +138,10 @@ class UnitWorker:
 
     def compute(self, stage_name, key, inputs):
         """`inputs`: (input stage, key) → (checksum, [ObjectRef of its bytes] or None when this worker holds them).
-        Returns (bytes as a uint8 array, path, checksum, {"busy_s": …, "fetch_s": …, "fetched_bytes": …, work
-        counted by the stage}): the seconds computing (fetching the sent inputs included), of which fetching them."""
+        Returns two objects (called with num_returns=2): the bytes as a uint8 array, and (path, checksum, {"busy_s":
+        …, "fetch_s": …, "fetched_bytes": …, work counted by the stage}): the seconds computing (fetching the sent
+        inputs included), of which fetching them. The bytes are their own object so that the coordinator can send
+        that object on to the next worker that reads them, without reading them back from the run folder."""
         started = time.perf_counter()
         self.computed += 1
         _test_kill_point(stage_name, self.computed)
@@ -150,6 +152,8 @@ class UnitWorker:
         units = {unit: self.held.get(digest) for unit, (digest, ref) in inputs.items() if ref is None}
         fetch_started = time.perf_counter()
         for (unit, digest, _), data in zip(sent, self.ray.get([ref for *_, ref in sent])):
+            if isinstance(data, np.ndarray):  # another worker's result, sent on as it came (a read-only view)
+                data = data.tobytes()
             units[unit] = data
             self.held.put(digest, data, len(data))
         fetched = {"fetch_s": time.perf_counter() - fetch_started, "fetched_bytes": sum(
@@ -167,7 +171,7 @@ class UnitWorker:
         # As an array: Ray hands the coordinator a view of the object store's copy (no copy into its heap), which it
         # writes to the run folder from there.
         result = np.frombuffer(data, dtype=np.uint8)
-        return result, path, digest, {"busy_s": time.perf_counter() - started, **fetched, **counts}
+        return result, (path, digest, {"busy_s": time.perf_counter() - started, **fetched, **counts})
 
     def pid(self):
         return os.getpid()
@@ -222,6 +226,9 @@ class ExecutorCounts:
         self.units_dispatched = 0
         self.inputs_sent = 0         # inputs sent as bytes
         self.inputs_referenced = 0   # inputs the worker held: only their checksum was sent
+        # Inputs sent that were read back from the run folder, by their stage: those made here (a worker's results
+        # are sent on from the object store while the coordinator keeps them, SHARED_REFS_BYTES)
+        self.inputs_read_back = defaultdict(int)
         self.units_resent = 0        # a worker no longer held an input the coordinator thought it had
         self.taken_by_stage = defaultdict(int)  # units a worker took from another's block (it had nothing of its own)
         self.units_out_of_order = 0  # units of a stage that runs in order sent before their turn (nothing else could run)
@@ -239,6 +246,7 @@ class ExecutorCounts:
             "units_dispatched": self.units_dispatched,
             "controlnet_frame_evaluations": self.work.get("controlnet_frame_evaluations", 0),
             "inputs_sent": self.inputs_sent, "inputs_referenced": self.inputs_referenced,
+            "inputs_read_back_by_stage": dict(self.inputs_read_back),
             "units_resent": self.units_resent, "units_taken": sum(self.taken_by_stage.values()),
             "units_taken_by_stage": dict(self.taken_by_stage),
             "units_out_of_order": self.units_out_of_order,
@@ -374,7 +382,8 @@ class Walk:
                       for stage in stages if stage.runs_in_order}
         self.unsent = defaultdict(list)
         self.internal_readers = {}  # internal unit (FastBlend table) → pending units of its stage still reading it
-        self.in_flight = {}      # Ray reference → (worker index, actor, stage name, key, short)
+        self.in_flight = {}      # Ray reference of a result's record → (worker index, actor, stage name, key, short,
+        #                          the reference of its bytes)
         self.load = [[0, 0] for _ in range(workers)]  # per worker: long units in flight, short ones
         self.attempts = defaultdict(int)
         self.stage_seconds = {}  # stage name → (workers' seconds computing, units) of its units computed so far
@@ -383,7 +392,8 @@ class Walk:
         self.records = {}        # (stage name, key) → (size, checksum) of done units, from the manifest or a commit
         mirror = int(executor.cache_bytes * MIRROR_SHARE)
         self.held = [HeldBytes(mirror) for _ in range(workers)]  # what each worker holds, as far as we know
-        self.shared_refs = HeldBytes(SHARED_REFS_BYTES)  # checksum → ObjectRef of bytes already in the store
+        # checksum → ObjectRef of bytes already in the store: inputs sent once, and the workers' results
+        self.shared_refs = HeldBytes(SHARED_REFS_BYTES)
         total = sum(len(k) for k in keys.values())
         self.bar = tqdm(total=total, initial=report.units_reused, desc=f"units ({workers} workers)",
                         unit="unit", disable=not progress, dynamic_ncols=True)
@@ -580,6 +590,7 @@ class Walk:
             ref = self.shared_refs.get(digest) if digest in self.shared_refs else None
             if ref is None:
                 data = self.cache.read(upstream.name, upstream_key)  # checked against its checksum
+                counts.inputs_read_back[upstream.name] += 1
                 ref = self.ray.put(data)
                 self.shared_refs.put(digest, ref, size)
             inputs[(upstream.name, upstream_key)] = (digest, [ref])
@@ -588,7 +599,8 @@ class Walk:
             counts.bytes_to_workers[stage.name] += size
         actor = self.executor.actors[worker]
         short = self._is_short(stage.name)
-        self.in_flight[actor.compute.remote(stage.name, key, inputs)] = (worker, actor, stage.name, key, short)
+        data_ref, record_ref = actor.compute.options(num_returns=2).remote(stage.name, key, inputs)
+        self.in_flight[record_ref] = (worker, actor, stage.name, key, short, data_ref)
         self.load[worker][short] += 1
         counts.units_dispatched += 1
         counts.coordinator_s["inputs"] += time.perf_counter() - started
@@ -635,11 +647,12 @@ class Walk:
         if not references:
             references, _ = self.ray.wait(computing, num_returns=1, timeout=timeout)
         for reference in references:
-            worker, actor, name, key, short = self.in_flight.pop(reference)
+            worker, actor, name, key, short, data_ref = self.in_flight.pop(reference)
             self.load[worker][short] -= 1
             started = time.perf_counter()
             try:
-                data, path, digest, work = self.ray.get(reference)
+                path, digest, work = self.ray.get(reference)
+                data = self.ray.get(data_ref)
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.OutOfMemoryError) as error:
                 # (Ray's memory monitor kills a worker when the node runs out of memory: that worker is gone too.)
                 self._worker_died(worker, actor, name, key, error)
@@ -659,6 +672,9 @@ class Walk:
             self.counts.bytes_from_workers[name] += len(data)
             self.held[worker].put(digest, None, len(data))
             self._commit(name, key, data, path, digest)
+            # The task's objects are this process's (Ray: the caller owns what a task returns), so they outlive the
+            # worker; the next worker reading this unit is sent this object instead of the file read back.
+            self.shared_refs.put(digest, data_ref, len(data))
 
     def _worker_died(self, worker, actor, name, key, error):
         executor = self.executor

@@ -97,6 +97,9 @@ def test_two_workers_send_each_byte_once_and_reuse_controlnet_across_a_block(dem
     assert received == steps * (frames * latent_bytes + 4 * eps_bytes)  # every result once, no more
     assert sent + received <= 1.5 * minimum, (sent, received, minimum)
     assert executor["inputs_referenced"] > 3 * executor["inputs_sent"]  # most inputs were held already
+    # What a worker made reaches another from the object store, never read back from the run folder: only the
+    # frames the render process decodes and crops are.
+    assert set(executor["inputs_read_back_by_stage"]) == {"crop"}, executor["inputs_read_back_by_stage"]
 
 
 def test_one_worker_does_not_import_ray():
