@@ -61,8 +61,9 @@ _forkserver = {}
 
 
 def _forkserver_socket():
-    """The fork server's socket path, starting the server on first use (one per pytest process)."""
-    if "socket" not in _forkserver:
+    """The fork server's socket path, starting the server on first use (one per pytest process) and again if it
+    died (a test's failure then stays that test's)."""
+    if "socket" not in _forkserver or _forkserver["server"].poll() is not None:
         folder = tempfile.mkdtemp(prefix="diffsynth-forkserver-")
         path = os.path.join(folder, "socket")
         server = subprocess.Popen([sys.executable, "-u", str(REPO / "tests" / "cli_forkserver.py"), path],
@@ -75,7 +76,7 @@ def _forkserver_socket():
             server.wait()
             shutil.rmtree(folder, ignore_errors=True)
         atexit.register(stop)
-        _forkserver["socket"] = path
+        _forkserver.update(socket=path, server=server)
     return _forkserver["socket"]
 
 
