@@ -682,6 +682,8 @@ class Walk:
             log.warning("worker %d died (%s); starting another", worker, str(error).splitlines()[0][:200])
             executor.actors[worker] = executor._start_actor()
             self.held[worker] = HeldBytes(self.held[worker].capacity)  # the new one holds nothing
+            # Its node may be gone with the results kept in that node's store: send from the run folder again.
+            self.shared_refs = HeldBytes(SHARED_REFS_BYTES)
         self._count_attempt(name, key, error)
         log.warning("re-dispatching %s/%s (its worker died)", name, key)
         self._make_ready(name, key, first=True)
@@ -693,6 +695,13 @@ class Walk:
         if isinstance(cause, NotHeld):  # our mirror was wrong: forget it, send the unit again with its bytes
             log.info("worker %d: %s; sending %s/%s again", worker, cause, name, key)
             self.held[worker] = HeldBytes(self.held[worker].capacity)
+            self.counts.units_resent += 1
+            self._make_ready(name, key, first=True)
+            return
+        if isinstance(cause, self.ray.exceptions.ObjectLostError):  # bytes sent on from a node that is gone
+            log.info("worker %d: an input of %s/%s was lost (%s); sending it again from the run folder", worker,
+                     name, key, type(cause).__name__)
+            self.shared_refs = HeldBytes(SHARED_REFS_BYTES)
             self.counts.units_resent += 1
             self._make_ready(name, key, first=True)
             return

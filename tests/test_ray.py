@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import defaultdict, deque
 
 import pytest
 from helpers import (
@@ -270,3 +271,28 @@ def test_controlnet_residuals_stay_bounded_in_any_order():
     assert sorted(steps[2].kept) == list(range(18, 24))  # the next window's frames, up to its last group (28)
     steps[1].keep_for(2, 10)  # a window arriving out of order drops what the later window had left
     assert sorted(steps[1].kept) == list(range(2, 12))
+
+
+def test_a_lost_input_is_sent_again_from_the_run_folder_without_counting_an_attempt():
+    """Results are sent on from the object store (the coordinator owns them); a node that went away takes the ones
+    it stored. The unit that could not fetch one is sent again, its inputs read from the run folder, and that is not
+    one of its three attempts (only the unit's own failures are)."""
+    import ray
+
+    from diffsynth.executor import SHARED_REFS_BYTES, ExecutorCounts, HeldBytes, Walk
+
+    walk = Walk.__new__(Walk)  # only the state a failed unit touches
+    walk.ray, walk.counts = ray, ExecutorCounts(2)
+    walk.position, walk.block, walk.order = {"s": 0}, {"s": {"k": 0}}, {}
+    walk.ready, walk.is_ready, walk.attempts = [[deque(), deque()]], set(), defaultdict(int)
+    walk.held = [HeldBytes(1 << 20), HeldBytes(1 << 20)]
+    walk.shared_refs = HeldBytes(SHARED_REFS_BYTES)
+    walk.shared_refs.put("digest", "a reference", 10)
+    lost = ray.exceptions.ObjectLostError("00" * 28, None, "")
+    walk._unit_failed(1, "s", "k", ray.exceptions.RayTaskError("compute", "traceback", lost))
+    assert "digest" not in walk.shared_refs and walk.counts.units_resent == 1
+    assert list(walk.ready[0][0]) == ["k"] and not walk.attempts
+    # Any other failure is an attempt of the unit's, and what the store holds stays usable.
+    walk.shared_refs.put("digest", "a reference", 10)
+    walk._unit_failed(1, "s", "k", ray.exceptions.RayTaskError("compute", "traceback", ValueError("boom")))
+    assert walk.attempts[("s", "k")] == 1 and "digest" in walk.shared_refs
