@@ -26,7 +26,8 @@ import socket
 import sys
 import warnings
 
-# What a render, a smooth, a plan and a status import, found by diffing sys.modules before and after one of each.
+# What a small render imports after `diffsynth.render` (sys.modules before and after one), and the other commands'
+# modules.
 PRELOAD = ["diffsynth.cli", "diffsynth.render", "diffsynth.status", "diffsynth.plan", "diffsynth.smooth_video",
            "diffsynth.diffutoon", "diffsynth.vram", "diffsynth.models.motion", "diffsynth.models.extras",
            "diffsynth.executor", "controlnet_aux", "einops"]

@@ -119,21 +119,21 @@ class ForkedCli:
         line, self._buffer = self._buffer.split(b"\n", 1)
         return line.decode()
 
-    def poll(self):
+    def _exit_code(self, timeout):
+        """The exit code once the server has reported it (None if not within `timeout` seconds)."""
         if self.returncode is None:
-            line = self._read_line(0)
+            line = self._read_line(timeout)
             if line is not None:
                 self.returncode = int(line.split()[1])
                 self._connection.close()
         return self.returncode
 
+    def poll(self):
+        return self._exit_code(0)
+
     def wait(self, timeout=None):
-        if self.returncode is None:
-            line = self._read_line(timeout)
-            if line is None:
-                raise subprocess.TimeoutExpired(self.args, timeout)
-            self.returncode = int(line.split()[1])
-            self._connection.close()
+        if self._exit_code(timeout) is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
         return self.returncode
 
     def communicate(self, timeout=None):
