@@ -651,8 +651,7 @@ class Walk:
             self.load[worker][short] -= 1
             started = time.perf_counter()
             try:
-                path, digest, work = self.ray.get(reference)
-                data = self.ray.get(data_ref)
+                (path, digest, work), data = self.ray.get([reference, data_ref])
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.OutOfMemoryError) as error:
                 # (Ray's memory monitor kills a worker when the node runs out of memory: that worker is gone too.)
                 self._worker_died(worker, actor, name, key, error)

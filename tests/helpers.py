@@ -194,16 +194,21 @@ def outputs(run_dir):
 
 def render_until_hang(config, hang_at, timeout=300):
     """Start a render that hangs mid-write at `hang_at`, then SIGKILL it. Returns the time of the kill."""
-    process = start_cli("render", config, "--no-progress", env={"DIFFSYNTH_TEST_HANG_AT": hang_at},
-                        stderr=subprocess.DEVNULL)
+    return command_until_hang(["render", config, "--no-progress"], hang_at, timeout)
+
+
+def command_until_hang(args, hang_at, timeout=300):
+    """Start `python -m diffsynth ARGS` hanging mid-write at `hang_at`, then SIGKILL it. Returns the time of the
+    kill."""
+    process = start_cli(*args, env={"DIFFSYNTH_TEST_HANG_AT": hang_at}, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     try:
         for line in process.stdout:
             if line.startswith("HANGING"):
                 break
-            assert time.time() < deadline, "render never reached the kill point"
+            assert time.time() < deadline, f"{args[0]} never reached the kill point"
         else:
-            pytest.fail(f"render ended (exit {process.wait()}) before reaching {hang_at}")
+            pytest.fail(f"{args[0]} ended (exit {process.wait()}) before reaching {hang_at}")
         killed_at = time.time()
         os.kill(process.pid, signal.SIGKILL)
         assert process.wait(timeout=30) == -signal.SIGKILL

@@ -139,8 +139,8 @@ def test_an_output_folder_holding_someone_elses_files_is_refused_and_left_untouc
 
 
 def test_malformed_test_hang_variable_and_window_size_zero_are_one_line_errors(demo_assets, tmp_path):
-    # Every malformed form is refused by the parser; one of them goes through the CLI (a render process each costs
-    # ~10 s of the suite, and they all reach the same parser).
+    # Every malformed form is refused by the parser; one of them goes through the CLI, which reaches the same parser,
+    # to show the one line and exit 2.
     for spec in ("decode", "decode:x", "nowhere@decode:1", "decode:0", "before_commit@:2", "retire@decode:-1"):
         with pytest.raises(UserError, match="DIFFSYNTH_TEST_HANG_AT"):
             parse_kill_point(spec)

@@ -1,14 +1,11 @@
 """`diffsynth smooth`: deflickers a rendered video guided by the original, and resumes after SIGKILL."""
 
-import os
-import signal
-import subprocess
 from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
-from helpers import run_cli, start_cli
+from helpers import command_until_hang, run_cli
 
 from diffsynth.demo import synthetic_frame, write_synthetic_clip
 from diffsynth.video import read_video_frames
@@ -67,15 +64,7 @@ def test_killed_smoothing_resumes_to_identical_bytes(videos, tmp_path):
     guide, style = videos
     args = ["smooth", "--guide", guide, "--style", style, "--no-progress", *SETTINGS]
     assert run_cli(*args, "-o", tmp_path / "reference.mp4").returncode == 0
-    process = start_cli(*args, "-o", tmp_path / "out.mp4", env={"DIFFSYNTH_TEST_HANG_AT": "smooth:10"},
-                        stderr=subprocess.DEVNULL)
-    for line in process.stdout:
-        if line.startswith("HANGING"):
-            break
-    else:
-        pytest.fail("smoothing ended before the kill point")
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
+    command_until_hang([*args, "-o", tmp_path / "out.mp4"], "smooth:10")
     assert not (tmp_path / "out.mp4").exists()
     result = run_cli(*args, "-o", tmp_path / "out.mp4")
     assert result.returncode == 0, result.stderr
