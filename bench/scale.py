@@ -12,6 +12,10 @@ with group = stride: a window evaluates the frames the previous window it comput
 The run folder is on /dev/shm by default (`--folder`): its fsyncs cost nothing there, so the figure is the executor's,
 not this shared VM disk's (the coordinator's measured commit time is printed too).
 
+The conditioning frames, their second maps and the initial latents are made in a first pass on the same workers,
+not timed (as `real` reuses them from a base run); `--fill-in-span` makes them in the timed pass, as a render from
+scratch does: the head node makes the frames in order, so the last block's first windows start late.
+
 Prints per N: the denoising span (first window dispatched → last step unit committed), the speed-up against one
 Ray worker, the coordinator's CPU share (its process CPU time over the span's wall time), the bytes sent to and from
 the workers per step against the minimum (each latent in once and out once per step and each window's ε out once;
@@ -128,13 +132,16 @@ class SimWindows(Stage):
         latents = torch.stack([self.read_tensors(self.latents, frame_key(i))["latent"] for i in range(start, end)])
         condition = [sum(self.read_bytes(m, frame_key(i))[0] for m in self.maps) for i in range(start, end)]
         time.sleep(self.window_s)
-        eps = latents * 0.5 + torch.tensor(condition, dtype=torch.float32).view(-1, 1, 1, 1) / 512
+        # In place: the model's stand-in does no more CPU work than making ε from what it read (on a GPU host that
+        # is the device's work, not the host's; here it would compete with the executor for the cores).
+        eps = latents.mul_(0.5).add_(torch.tensor(condition, dtype=torch.float32).view(-1, 1, 1, 1) / 512)
         return tensors_to_bytes({"eps": eps}), None
 
 
 class SimStep(Stage):
     """One unit per frame: the tent-weighted mean of its windows' ε, then the DDIM step."""
     ephemeral = True
+    model_free = True  # as the real one without in-loop smoothing
 
     def __init__(self, ctx, step, latents, windows):
         super().__init__(ctx, [latents, windows])
@@ -204,6 +211,12 @@ def simulate(workers, args, folder):
     with RayExecutor(settings, "cpu", stages) as executor:
         # The actors have started (they import and unpickle the stages) before anything is timed.
         executor.ray.get([actor.pid.remote() for actor in executor.actors])
+        if not args.fill_in_span:
+            # The conditioning frames, their second maps and the initial latents first, as `real` reuses them from
+            # a base run: the span is the denoising's. Made in the same pass, as a render from scratch does, the
+            # head node's in-order decoding starts each block's first windows when their frames exist, and the last
+            # block, once late, stays late (each block waits on its neighbours' windows every step).
+            run_stages(stages[:3], cache, progress=False, executor=executor)
         cpu_before, wall_before = os.times(), time.time()
         report = run_stages(stages, cache, progress=False, executor=executor)
         cpu_after, wall_after = os.times(), time.time()
@@ -236,7 +249,7 @@ def simulate(workers, args, folder):
             counts["controlnet_frame_evaluations"] / (args.frames * args.steps), 3),
         "coordinator_ms_per_unit": {k: round(1000 * v / committed, 2) for k, v in counts["coordinator_s"].items()},
         "worker_busy_s_by_stage": busy_by_stage(counts["busy_s"]),
-        "units": report.units_computed, "units_dispatched": counts["units_dispatched"],
+        "units": report.units_computed, "units_dispatched": counts["units_dispatched"], "tasks_dispatched": counts["tasks_dispatched"],
         "units_resent": counts["units_resent"], "units_taken": counts.get("units_taken"),
         "units_out_of_order": counts.get("units_out_of_order"),
         "units_taken_by_stage": busy_by_stage({0: counts.get("units_taken_by_stage", {})}), "final": final,
@@ -302,7 +315,7 @@ def main_simulated(args):
                   f"coordinator ms/unit {result['coordinator_ms_per_unit']}", flush=True)
             top = results[-1]
             ok = top["speedup"] >= args.target and all(r["bytes_per_step_vs_minimum"] <= 1.5 for r in results)
-            record = {"mode": "simulated", "frames": args.frames, "steps": args.steps, "window_s": args.window_s,
+            record = {"mode": "simulated", "fill_in_span": args.fill_in_span, "frames": args.frames, "steps": args.steps, "window_s": args.window_s,
                       "size": "1280x768", "cores": os.cpu_count(), "folder": args.folder,
                       "baseline_workers": args.workers[0], "results": results, "target_speedup": args.target,
                       "meets_target": ok, "load_average": os.getloadavg()}
@@ -414,6 +427,8 @@ def main():
     simulated.add_argument("--window-s", type=float, default=0.5)
     simulated.add_argument("--target", type=float, default=7.0)
     simulated.add_argument("--folder", default="/dev/shm")
+    simulated.add_argument("--fill-in-span", action="store_true",
+                           help="make the conditioning frames and initial latents in the timed pass too")
     real = modes.add_parser("real", help="the denoising stages with the tiny models on 1 and 2 CPU workers")
     real.add_argument("--frames", type=int, default=40)
     real.add_argument("--size", type=int, default=64)

@@ -47,6 +47,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections import OrderedDict, defaultdict, deque
 
@@ -70,7 +71,8 @@ ATTEMPTS = 3
 TEST_ENV_PREFIX = "DIFFSYNTH_TEST_"
 MIRROR_SHARE = 0.9  # the coordinator believes a worker holds only this share of what it keeps (orders differ a bit)
 TAKE_BYTES_PER_S = 1e9  # what a worker taking another's unit assumes its missing inputs take to reach it (~10 Gb/s)
-SHARED_REFS_BYTES = 512 << 20  # bytes the coordinator keeps in Ray's object store for the next worker needing them
+SHARED_REFS_BYTES = 512 << 20
+LANE, MODEL_FREE_LANE = "units", "model_free"  # a worker's concurrency groups (UnitWorker)  # bytes the coordinator keeps in Ray's object store for the next worker needing them
 
 
 class HeldBytes:
@@ -89,6 +91,10 @@ class HeldBytes:
         self.items.move_to_end(digest)
         return self.items[digest][0]
 
+    def clear(self):
+        self.items.clear()
+        self.size = 0
+
     def put(self, digest, value, size):
         if digest in self.items:
             self.items.move_to_end(digest)
@@ -106,12 +112,21 @@ class NotHeld(Exception):
 
 
 class ShippedInputs:
-    """A worker's stand-in for the run's cache: serves the inputs shipped with the unit being computed. A read of
-    anything else is a stage that reads more than it declares, reported as such (it would break resume too)."""
+    """A worker's stand-in for the run's cache: serves the inputs shipped with the unit being computed (by this
+    thread: a worker computes a model-free unit beside one using the models). A read of anything else is a stage
+    that reads more than it declares, reported as such (it would break resume too)."""
 
     def __init__(self):
-        self.units = {}
+        self.computing = threading.local()
         self.prefetched = {}
+
+    @property
+    def units(self):
+        return getattr(self.computing, "units", {})
+
+    @units.setter
+    def units(self, units):
+        self.computing.units = units
 
     def read(self, stage, key):
         try:
@@ -122,7 +137,9 @@ class ShippedInputs:
 
 class UnitWorker:
     """A Ray actor: computes units of any stage from the inputs sent or held. (Decorated with ray.remote on use, so
-    importing this module never imports Ray.)"""
+    importing this module never imports Ray.) Two lanes (Ray concurrency groups of one thread each): units in the
+    order sent, and beside them short model-free ones (a frame's step), which the next step's windows wait for and
+    which would otherwise wait behind the window queued next. One stage's units never run at once."""
 
     def __init__(self, stages, threads, cache_bytes):
         import ray
@@ -135,43 +152,61 @@ class UnitWorker:
             stage.ctx.cache = self.shipped
         self.held = HeldBytes(cache_bytes)
         self.computed = 0
+        self.lock = threading.Lock()  # the held bytes and the count, shared by the lanes
+        self.stage_locks = {stage.name: threading.Lock() for stage in stages}
 
-    def compute(self, stage_name, key, inputs):
-        """`inputs`: (input stage, key) → (checksum, [ObjectRef of its bytes] or None when this worker holds them).
-        Returns two objects (called with num_returns=2): the bytes as a uint8 array, and (path, checksum, {"busy_s":
-        …, "fetch_s": …, "fetched_bytes": …, work counted by the stage}): the seconds computing (fetching the sent
-        inputs included), of which fetching them. The bytes are their own object so that the coordinator can send
-        that object on to the next worker that reads them, without reading them back from the run folder."""
+    def compute(self, stage_name, keys, inputs):
+        """Computes the units `keys` of one stage, in order: usually one; several short ones sent as one task (the
+        per-frame steps a finished window made ready: a Ray task costs about a millisecond of each side's CPU,
+        more than such a unit's work). `inputs`: the union of their inputs, (input stage, key) → (checksum,
+        [ObjectRef of its bytes] or None when this worker holds them); each unit is served only its own
+        (`Stage.reads`). Returns len(keys) + 1 objects (called with num_returns): a list of (path, checksum,
+        {"busy_s": …, "fetch_s": …, "fetched_bytes": …, work counted by the stage}) per unit, the seconds
+        computing it (the first unit's include fetching the sent inputs, of which fetch_s), then each unit's bytes
+        as a uint8 array. The bytes are their own objects so that the coordinator can send them on to the next
+        worker that reads them, without reading them back from the run folder."""
         started = time.perf_counter()
-        self.computed += 1
-        _test_kill_point(stage_name, self.computed)
-        missing = [unit for unit, (digest, sent) in inputs.items() if sent is None and digest not in self.held]
-        if missing:
-            raise NotHeld(f"{len(missing)} input(s) no longer held, e.g. {'/'.join(missing[0])}")
+        with self.lock:
+            missing = [unit for unit, (digest, sent) in inputs.items() if sent is None and digest not in self.held]
+            if missing:
+                raise NotHeld(f"{len(missing)} input(s) no longer held, e.g. {'/'.join(missing[0])}")
+            available = {unit: self.held.get(digest) for unit, (digest, ref) in inputs.items() if ref is None}
         sent = [(unit, digest, sent[0]) for unit, (digest, sent) in inputs.items() if sent is not None]
-        units = {unit: self.held.get(digest) for unit, (digest, ref) in inputs.items() if ref is None}
         fetch_started = time.perf_counter()
         for (unit, digest, _), data in zip(sent, self.ray.get([ref for *_, ref in sent])):
             if isinstance(data, np.ndarray):  # another worker's result, sent on as it came (a read-only view)
                 data = data.tobytes()
-            units[unit] = data
-            self.held.put(digest, data, len(data))
-        fetched = {"fetch_s": time.perf_counter() - fetch_started, "fetched_bytes": sum(
-            len(units[unit]) for unit, *_ in sent)}
+            available[unit] = data
+            with self.lock:
+                self.held.put(digest, data, len(data))
+        timing = {"fetch_s": time.perf_counter() - fetch_started,
+                  "fetched_bytes": sum(len(available[unit]) for unit, *_ in sent)}
         stage = self.stages[stage_name]
-        counted = dict(getattr(stage, "counts", {}))
-        self.shipped.units = units
-        try:
-            data, path = stage.compute(key)
-        finally:
-            self.shipped.units = {}
-        digest = checksum(data)
-        self.held.put(digest, data, len(data))
-        counts = {name: value - counted.get(name, 0) for name, value in getattr(stage, "counts", {}).items()}
-        # As an array: Ray hands the coordinator a view of the object store's copy (no copy into its heap), which it
-        # writes to the run folder from there.
-        result = np.frombuffer(data, dtype=np.uint8)
-        return result, (path, digest, {"busy_s": time.perf_counter() - started, **fetched, **counts})
+        records, results = [], []
+        for key in keys:
+            with self.lock:
+                self.computed += 1
+                computed = self.computed
+            _test_kill_point(stage_name, computed)
+            with self.stage_locks[stage_name]:
+                counted = dict(getattr(stage, "counts", {}))
+                self.shipped.units = {(upstream.name, upstream_key): available[(upstream.name, upstream_key)]
+                                      for upstream, upstream_key in stage.reads(key)}
+                try:
+                    data, path = stage.compute(key)
+                finally:
+                    self.shipped.units = {}
+                counts = {name: value - counted.get(name, 0) for name, value in getattr(stage, "counts", {}).items()}
+            digest = checksum(data)
+            with self.lock:
+                self.held.put(digest, data, len(data))
+            finished = time.perf_counter()
+            records.append((path, digest, {"busy_s": finished - started, **timing, **counts}))
+            started, timing = finished, {"fetch_s": 0.0, "fetched_bytes": 0}
+            # As an array: Ray hands the coordinator a view of the object store's copy (no copy into its heap),
+            # which it writes to the run folder from there.
+            results.append(np.frombuffer(data, dtype=np.uint8))
+        return (records, *results)
 
     def pid(self):
         return os.getpid()
@@ -224,6 +259,8 @@ class ExecutorCounts:
         self.bytes_to_workers = defaultdict(int)    # by the stage of the unit the bytes were sent for
         self.bytes_from_workers = defaultdict(int)  # by the stage of the unit computed
         self.units_dispatched = 0
+        self.tasks_dispatched = 0    # Ray tasks: a worker's ready short units go together (UnitWorker.compute)
+        self.units_model_free_lane = 0  # units run beside the worker's others (short, model-free: a frame's step)
         self.inputs_sent = 0         # inputs sent as bytes
         self.inputs_referenced = 0   # inputs the worker held: only their checksum was sent
         # Inputs sent that were read back from the run folder, by their stage: those made here (a worker's results
@@ -243,7 +280,8 @@ class ExecutorCounts:
             "workers": self.workers,
             "bytes_to_workers": sum(self.bytes_to_workers.values()),
             "bytes_from_workers": sum(self.bytes_from_workers.values()),
-            "units_dispatched": self.units_dispatched,
+            "units_dispatched": self.units_dispatched, "tasks_dispatched": self.tasks_dispatched,
+            "units_model_free_lane": self.units_model_free_lane,
             "controlnet_frame_evaluations": self.work.get("controlnet_frame_evaluations", 0),
             "inputs_sent": self.inputs_sent, "inputs_referenced": self.inputs_referenced,
             "inputs_read_back_by_stage": dict(self.inputs_read_back),
@@ -310,6 +348,11 @@ class RayExecutor:
         # background); they load the models on their first unit.
         self.stages_ref = ray.put(self.stages)
         self.actors = [self._start_actor() for _ in range(self.workers)]
+        # Kept from one walk to the next (a walk starts again after a corrupt input), as the actors are: what each
+        # worker holds, as far as we know, and checksum → ObjectRef of bytes already in Ray's object store (inputs
+        # sent once, the workers' results).
+        self.held = [HeldBytes(int(self.cache_bytes * MIRROR_SHARE)) for _ in range(self.workers)]
+        self.shared_refs = HeldBytes(SHARED_REFS_BYTES)
         return self
 
     def _placeable(self, settings, gpus):
@@ -343,8 +386,8 @@ class RayExecutor:
             self.started_ray = False
 
     def _start_actor(self):
-        actor_class = self.ray.remote(UnitWorker).options(num_cpus=self.settings.cpus_per_worker,
-                                                         num_gpus=self.gpus_per_worker, max_restarts=0)
+        actor_class = self.ray.remote(num_cpus=self.settings.cpus_per_worker, num_gpus=self.gpus_per_worker,
+                                      max_restarts=0, concurrency_groups={LANE: 1, MODEL_FREE_LANE: 1})(UnitWorker)
         return actor_class.remote(self.stages_ref, torch.get_num_threads(), self.cache_bytes)
 
     # --- the walk --------------------------------------------------------------------------------------------------
@@ -385,15 +428,15 @@ class Walk:
         self.in_flight = {}      # Ray reference of a result's record → (worker index, actor, stage name, key, short,
         #                          the reference of its bytes)
         self.load = [[0, 0] for _ in range(workers)]  # per worker: long units in flight, short ones
+        self.dispatch_now = False  # a unit got ready for a worker with room since the last dispatch
         self.attempts = defaultdict(int)
         self.stage_seconds = {}  # stage name → (workers' seconds computing, units) of its units computed so far
+        self.kind_seconds = {}   # the same by the stages' class
         self.fetch_seconds, self.fetched_bytes = 0.0, 0  # the workers' seconds receiving inputs, and their bytes
         self.local = None        # (stage, generator) of the on-coordinator stage running
         self.records = {}        # (stage name, key) → (size, checksum) of done units, from the manifest or a commit
-        mirror = int(executor.cache_bytes * MIRROR_SHARE)
-        self.held = [HeldBytes(mirror) for _ in range(workers)]  # what each worker holds, as far as we know
-        # checksum → ObjectRef of bytes already in the store: inputs sent once, and the workers' results
-        self.shared_refs = HeldBytes(SHARED_REFS_BYTES)
+        self.held = executor.held  # what each worker holds, as far as we know
+        self.shared_refs = executor.shared_refs
         total = sum(len(k) for k in keys.values())
         self.bar = tqdm(total=total, initial=report.units_reused, desc=f"units ({workers} workers)",
                         unit="unit", disable=not progress, dynamic_ncols=True)
@@ -424,7 +467,10 @@ class Walk:
             self._release_internal(stage, [k for k in internal if k in self.done[stage.name]])
 
     def _make_ready(self, name, key, first=False):
-        queue = self.ready[self.position[name]][self.block[name][key]]
+        block = self.block[name][key]
+        queue = self.ready[self.position[name]][block]
+        if self.load[block][0] < IN_FLIGHT:  # its worker has room: send before committing the other results
+            self.dispatch_now = True
         if first:  # a unit sent back: before the others
             queue.appendleft(key)
             if name in self.order:
@@ -484,6 +530,7 @@ class Walk:
     def _dispatch(self):
         """Fill every live worker up to IN_FLIGHT units (and SHORT_IN_FLIGHT short ones) from its own block; a
         worker with nothing in flight and nothing of its own takes another's."""
+        self.dispatch_now = False
         while True:
             sent = False
             for worker in sorted(range(self.workers), key=lambda w: sum(self.load[w])):
@@ -495,49 +542,77 @@ class Walk:
                 unit = (self._own_unit(worker, room, stalled=not self.in_flight)
                         or (self._taken_unit(worker) if idle else None))
                 if unit is not None:
-                    self._send(worker, *unit)
+                    stage, key = unit
+                    self._send(worker, stage, self._batch(worker, stage, key, SHORT_IN_FLIGHT - short_load))
                     sent = True
             if not sent:
                 return
 
     def _seconds_per_unit(self, name):
-        """The workers' mean seconds computing one of the stage's units so far; None before the first."""
-        busy, done = self.stage_seconds.get(name, (0.0, 0))
+        """The workers' mean seconds computing one of the stage's units so far; before the first, that of the
+        stage's kind (its class: every step's per-frame stage is one); None before any."""
+        busy, done = self.stage_seconds.get(name) or self.kind_seconds.get(type(self.by_name[name]), (0.0, 0))
         return busy / done if done else None
 
     def _is_short(self, name):
-        """Whether the stage's units have been measured to take under SHORT_UNIT_S each on the workers."""
+        """Whether the stage's units have been measured to take under SHORT_UNIT_S each on the workers; before that,
+        whether it uses no model (a frame's DDIM step: arithmetic on its inputs)."""
         seconds = self._seconds_per_unit(name)
-        return seconds is not None and seconds < SHORT_UNIT_S
+        return self.by_name[name].model_free if seconds is None else seconds < SHORT_UNIT_S
 
     def _own_unit(self, worker, room, stalled):
-        """The next unit of the worker's own block, of the earliest stage with one ready that the worker has room for
-        (`room`: for a long unit, for a short one). A stage that runs in order gives only its block's next unit, as
-        one process computes them (a window out of order would compute its ControlNet residuals again; waiting for
-        the one before is shorter), unless nothing at all is computing.
+        """The next unit of the worker's own block that the worker has room for (`room`: for a long unit, for a
+        short one): short units first, then the earliest stage with one ready. A worker runs its tasks in the order
+        sent, and a frame's step (milliseconds) is what the next step's windows wait for: sent behind a window, it
+        would hold them up by that window's time. While short units wait for room, no long unit goes ahead of them.
 
-        Earlier stages first, as one process runs them: a block's last window of step k is what the next block's
-        first window of step k+1 waits for, so a worker that ran ahead to its later steps would stall the others;
-        and a block's initial latents, queued behind windows, would hold up the next block's first window."""
-        for position in range(len(self.stages)):
-            stage, queue = self.stages[position], self.ready[position][worker]
-            if not queue or stage.on_coordinator:
-                continue
-            short = self._is_short(stage.name)
-            if not room[short]:
-                if short:  # no long unit of a later stage is queued ahead of these on the worker
-                    return None
-                continue
-            if stage.name in self.order:
-                key = self._next_in_order(stage.name, worker)
-                if key is not None and (stage.name, key) in self.is_ready:
-                    queue.remove(key)
-                    return stage, self._sent(stage.name, key)
-                if not stalled:
+        Long units, earlier stages first, as one process runs them: a block's last window of step k is what the
+        next block's first window of step k+1 waits for, so a worker that ran ahead to its later steps would stall
+        the others; and a block's initial latents, queued behind windows, would hold up the next block's first
+        window. A stage that runs in order gives only its block's next unit, as one process computes them (a window
+        out of order would compute its ControlNet residuals again; waiting for the one before is shorter), unless
+        nothing at all is computing."""
+        positions = [position for position in range(len(self.stages))
+                     if self.ready[position][worker] and not self.stages[position].on_coordinator]
+        for short in (True, False):
+            for position in positions:
+                stage = self.stages[position]
+                if self._is_short(stage.name) != short:
                     continue
-                self.counts.units_out_of_order += 1
-            return stage, self._sent(stage.name, queue.popleft())
+                if not room[short]:
+                    if short:
+                        return None
+                    break
+                key = self._ready_key(stage, position, worker, stalled)
+                if key is not None:
+                    return stage, key
         return None
+
+    def _ready_key(self, stage, position, worker, stalled):
+        """A ready unit of `stage` from the worker's block: the first, or for a stage that runs in order its next
+        (None if that is not ready, unless `stalled`)."""
+        queue = self.ready[position][worker]
+        if stage.name in self.order:
+            key = self._next_in_order(stage.name, worker)
+            if key is not None and (stage.name, key) in self.is_ready:
+                queue.remove(key)
+                return self._sent(stage.name, key)
+            if not stalled:
+                return None
+            self.counts.units_out_of_order += 1
+        return self._sent(stage.name, queue.popleft())
+
+    def _batch(self, worker, stage, key, room):
+        """`key` and, for a short stage's unit, the worker's next ready units of that stage, up to `room` in all:
+        sent as one task. A stage that runs in order goes one unit at a time, and so does a unit that failed before
+        (so that a failing unit does not take others' attempts with it)."""
+        keys = [key]
+        if not self._is_short(stage.name) or stage.name in self.order or self.attempts.get((stage.name, key)):
+            return keys
+        queue = self.ready[self.position[stage.name]][worker]
+        while queue and len(keys) < room and not self.attempts.get((stage.name, queue[0])):
+            keys.append(self._sent(stage.name, queue.popleft()))
+        return keys
 
     def _sent(self, name, key):
         self.is_ready.discard((name, key))
@@ -576,33 +651,42 @@ class Walk:
                       if digest not in held)
         return missing / rate + seconds < backlog * seconds
 
-    def _send(self, worker, stage, key):
+    def _send(self, worker, stage, keys):
+        """Send the units `keys` of `stage` to `worker` as one task, each input once (by reference if it holds it)."""
         started = time.perf_counter()
         counts, held = self.counts, self.held[worker]
         inputs = {}
-        for upstream, upstream_key in stage.reads(key):
-            size, digest = self._record(upstream.name, upstream_key)
-            if digest in held:
-                held.get(digest)
-                inputs[(upstream.name, upstream_key)] = (digest, None)
-                counts.inputs_referenced += 1
-                continue
-            ref = self.shared_refs.get(digest) if digest in self.shared_refs else None
-            if ref is None:
-                data = self.cache.read(upstream.name, upstream_key)  # checked against its checksum
-                counts.inputs_read_back[upstream.name] += 1
-                ref = self.ray.put(data)
-                self.shared_refs.put(digest, ref, size)
-            inputs[(upstream.name, upstream_key)] = (digest, [ref])
-            held.put(digest, None, size)
-            counts.inputs_sent += 1
-            counts.bytes_to_workers[stage.name] += size
+        for key in keys:
+            for upstream, upstream_key in stage.reads(key):
+                if (upstream.name, upstream_key) in inputs:
+                    continue
+                size, digest = self._record(upstream.name, upstream_key)
+                if digest in held:
+                    held.get(digest)
+                    inputs[(upstream.name, upstream_key)] = (digest, None)
+                    counts.inputs_referenced += 1
+                    continue
+                ref = self.shared_refs.get(digest) if digest in self.shared_refs else None
+                if ref is None:
+                    data = self.cache.read(upstream.name, upstream_key)  # checked against its checksum
+                    counts.inputs_read_back[upstream.name] += 1
+                    ref = self.ray.put(data)
+                    self.shared_refs.put(digest, ref, size)
+                inputs[(upstream.name, upstream_key)] = (digest, [ref])
+                held.put(digest, None, size)
+                counts.inputs_sent += 1
+                counts.bytes_to_workers[stage.name] += size
         actor = self.executor.actors[worker]
         short = self._is_short(stage.name)
-        data_ref, record_ref = actor.compute.options(num_returns=2).remote(stage.name, key, inputs)
-        self.in_flight[record_ref] = (worker, actor, stage.name, key, short, data_ref)
-        self.load[worker][short] += 1
-        counts.units_dispatched += 1
+        lane = MODEL_FREE_LANE if short and stage.model_free else LANE
+        record_ref, *data_refs = actor.compute.options(num_returns=len(keys) + 1, concurrency_group=lane).remote(
+            stage.name, keys, inputs)
+        self.in_flight[record_ref] = (worker, actor, stage.name, keys, short, data_refs)
+        self.load[worker][short] += len(keys)
+        counts.units_dispatched += len(keys)
+        counts.tasks_dispatched += 1
+        if lane == MODEL_FREE_LANE:
+            counts.units_model_free_lane += len(keys)
         counts.coordinator_s["inputs"] += time.perf_counter() - started
 
     def _record(self, name, key):
@@ -641,73 +725,90 @@ class Walk:
     def _all_ready(self, stage):
         return self._ready_count(stage) == self.left[stage.name]
 
-    def _collect(self, timeout):
+    def _collect(self, timeout, dispatch=True):
+        """Commit the results that have arrived (waiting up to `timeout` for one). A unit a result made ready for a
+        worker with room is sent at once, before the other results are committed (`dispatch`; not while draining):
+        a block's first window of a step waits on its border frames' steps, so each worker waits on the one before
+        it, and what each one waits adds up along the blocks."""
         computing = list(self.in_flight)
         references, _ = self.ray.wait(computing, num_returns=len(computing), timeout=0)  # all that are done
         if not references:
             references, _ = self.ray.wait(computing, num_returns=1, timeout=timeout)
         for reference in references:
-            worker, actor, name, key, short, data_ref = self.in_flight.pop(reference)
-            self.load[worker][short] -= 1
+            worker, actor, name, keys, short, data_refs = self.in_flight.pop(reference)
+            self.load[worker][short] -= len(keys)
             started = time.perf_counter()
             try:
-                (path, digest, work), data = self.ray.get([reference, data_ref])
+                records, *results = self.ray.get([reference, *data_refs])
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.OutOfMemoryError) as error:
                 # (Ray's memory monitor kills a worker when the node runs out of memory: that worker is gone too.)
-                self._worker_died(worker, actor, name, key, error)
+                self._worker_died(worker, actor, name, keys, error)
                 continue
             except self.ray.exceptions.RayTaskError as error:
-                self._unit_failed(worker, name, key, error)
+                self._unit_failed(worker, name, keys, error)
                 continue
             self.counts.coordinator_s["results"] += time.perf_counter() - started
-            busy, fetch_s, fetched = work.pop("busy_s"), work.pop("fetch_s"), work.pop("fetched_bytes")
-            self.counts.busy_s[worker][name] += busy
-            total, done = self.stage_seconds.get(name, (0.0, 0))
-            self.stage_seconds[name] = (total + busy - fetch_s, done + 1)
-            if fetched:
-                self.fetch_seconds, self.fetched_bytes = self.fetch_seconds + fetch_s, self.fetched_bytes + fetched
-            for counted, value in work.items():
-                self.counts.work[counted] += value
-            self.counts.bytes_from_workers[name] += len(data)
-            self.held[worker].put(digest, None, len(data))
-            self._commit(name, key, data, path, digest)
-            # The task's objects are this process's (Ray: the caller owns what a task returns), so they outlive the
-            # worker; the next worker reading this unit is sent this object instead of the file read back.
-            self.shared_refs.put(digest, data_ref, len(data))
+            for key, (path, digest, work), data, data_ref in zip(keys, records, results, data_refs):
+                busy, fetch_s, fetched = work.pop("busy_s"), work.pop("fetch_s"), work.pop("fetched_bytes")
+                self.counts.busy_s[worker][name] += busy
+                for seconds, of in ((self.stage_seconds, name), (self.kind_seconds, type(self.by_name[name]))):
+                    total, done = seconds.get(of, (0.0, 0))
+                    seconds[of] = (total + busy - fetch_s, done + 1)
+                if fetched:
+                    self.fetch_seconds = self.fetch_seconds + fetch_s
+                    self.fetched_bytes = self.fetched_bytes + fetched
+                for counted, value in work.items():
+                    self.counts.work[counted] += value
+                self.counts.bytes_from_workers[name] += len(data)
+                self.held[worker].put(digest, None, len(data))
+                self._commit(name, key, data, path, digest)
+                # The task's objects are this process's (Ray: the caller owns what a task returns), so they outlive
+                # the worker; the next worker reading this unit is sent this object instead of the file read back.
+                self.shared_refs.put(digest, data_ref, len(data))
+            if dispatch and self.dispatch_now and not self.stop.stop_requested:
+                self._dispatch()
 
-    def _worker_died(self, worker, actor, name, key, error):
+    def _worker_died(self, worker, actor, name, keys, error):
         executor = self.executor
         if executor.actors[worker] is actor:  # the first of its lost units to come back: replace the worker
             log.warning("worker %d died (%s); starting another", worker, str(error).splitlines()[0][:200])
             executor.actors[worker] = executor._start_actor()
             self.held[worker] = HeldBytes(self.held[worker].capacity)  # the new one holds nothing
             # Its node may be gone with the results kept in that node's store: send from the run folder again.
-            self.shared_refs = HeldBytes(SHARED_REFS_BYTES)
-        self._count_attempt(name, key, error)
-        log.warning("re-dispatching %s/%s (its worker died)", name, key)
-        self._make_ready(name, key, first=True)
+            self.shared_refs.clear()
+        for key in keys:
+            self._count_attempt(name, key, error)
+            log.warning("re-dispatching %s/%s (its worker died)", name, key)
+        self._make_ready_again(name, keys)
 
-    def _unit_failed(self, worker, name, key, error):
+    def _unit_failed(self, worker, name, keys, error):
         cause = getattr(error, "cause", None)
         if isinstance(cause, UserError):
             raise cause
         if isinstance(cause, NotHeld):  # our mirror was wrong: forget it, send the unit again with its bytes
-            log.info("worker %d: %s; sending %s/%s again", worker, cause, name, key)
+            log.info("worker %d: %s; sending %s/%s again", worker, cause, name, keys[0])
             self.held[worker] = HeldBytes(self.held[worker].capacity)
-            self.counts.units_resent += 1
-            self._make_ready(name, key, first=True)
+            self.counts.units_resent += len(keys)
+            self._make_ready_again(name, keys)
             return
         if isinstance(cause, self.ray.exceptions.ObjectLostError):  # bytes sent on from a node that is gone
             log.info("worker %d: an input of %s/%s was lost (%s); sending it again from the run folder", worker,
-                     name, key, type(cause).__name__)
-            self.shared_refs = HeldBytes(SHARED_REFS_BYTES)
-            self.counts.units_resent += 1
-            self._make_ready(name, key, first=True)
+                     name, keys[0], type(cause).__name__)
+            self.shared_refs.clear()
+            self.counts.units_resent += len(keys)
+            self._make_ready_again(name, keys)
             return
-        self._count_attempt(name, key, cause or error)
-        log.warning("unit %s/%s failed on worker %d (%s); re-dispatching it", name, key, worker,
-                    str(cause or error).splitlines()[0][:200])
-        self._make_ready(name, key, first=True)
+        for key in keys:
+            self._count_attempt(name, key, cause or error)
+        log.warning("unit %s/%s failed on worker %d (%s); re-dispatching it%s", name, keys[0], worker,
+                    str(cause or error).splitlines()[0][:200],
+                    f" and the {len(keys) - 1} sent with it, each alone" if len(keys) > 1 else "")
+        self._make_ready_again(name, keys)
+
+    def _make_ready_again(self, name, keys):
+        """Units sent back (their task failed or its worker died): before the others, in their order."""
+        for key in reversed(keys):
+            self._make_ready(name, key, first=True)
 
     def _count_attempt(self, name, key, error):
         self.attempts[(name, key)] += 1
@@ -717,7 +818,7 @@ class Walk:
     def _drain(self):
         """Commit what is still computing (a stop, or a corrupt input found): nothing new starts."""
         while self.in_flight:
-            self._collect(timeout=None)
+            self._collect(timeout=None, dispatch=False)
 
     def _commit(self, name, key, data, path, digest=None):
         started = time.perf_counter()

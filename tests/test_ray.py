@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict, deque
+from types import SimpleNamespace
 
 import pytest
 from helpers import (
@@ -72,6 +73,10 @@ def test_two_workers_send_each_byte_once_and_reuse_controlnet_across_a_block(dem
     # Every unit not made here (decode + crop, encode) was dispatched once: no unit sent twice.
     assert executor["units_dispatched"] == record["computed"] - computed["crop"] - computed["encode"]
     assert executor["units_resent"] == 0
+    # A worker's ready per-frame steps go as one task, and beside its windows (short and model-free).
+    steps_computed = sum(n for name, n in computed.items() if name.startswith("denoise.") and name.endswith(".step"))
+    assert executor["tasks_dispatched"] < executor["units_dispatched"]
+    assert 0 < executor["units_model_free_lane"] <= steps_computed
     assert set(executor["busy_s"]) == {"0", "1"}
     assert all(seconds.get("denoise.000.windows", 0) > 0 for seconds in executor["busy_s"].values())
     # ControlNet: each frame evaluated once per step, but for the frames the two blocks' border windows share.
@@ -254,8 +259,6 @@ def test_held_bytes_stay_within_their_bound():
 def test_controlnet_residuals_stay_bounded_in_any_order():
     """What a worker keeps of a step's ControlNet residuals: the frames the next window can reuse (up to its last
     group), and at most STEPS_KEPT steps' worth, whatever order windows and steps arrive in."""
-    from types import SimpleNamespace
-
     from diffsynth.stages.denoise import ControlNetResiduals
 
     def residuals():
@@ -285,14 +288,59 @@ def test_a_lost_input_is_sent_again_from_the_run_folder_without_counting_an_atte
     walk.ray, walk.counts = ray, ExecutorCounts(2)
     walk.position, walk.block, walk.order = {"s": 0}, {"s": {"k": 0}}, {}
     walk.ready, walk.is_ready, walk.attempts = [[deque(), deque()]], set(), defaultdict(int)
-    walk.held = [HeldBytes(1 << 20), HeldBytes(1 << 20)]
+    walk.held, walk.load = [HeldBytes(1 << 20), HeldBytes(1 << 20)], [[0, 0], [0, 0]]
     walk.shared_refs = HeldBytes(SHARED_REFS_BYTES)
     walk.shared_refs.put("digest", "a reference", 10)
     lost = ray.exceptions.ObjectLostError("00" * 28, None, "")
-    walk._unit_failed(1, "s", "k", ray.exceptions.RayTaskError("compute", "traceback", lost))
+    walk._unit_failed(1, "s", ["k"], ray.exceptions.RayTaskError("compute", "traceback", lost))
     assert "digest" not in walk.shared_refs and walk.counts.units_resent == 1
     assert list(walk.ready[0][0]) == ["k"] and not walk.attempts
     # Any other failure is an attempt of the unit's, and what the store holds stays usable.
     walk.shared_refs.put("digest", "a reference", 10)
-    walk._unit_failed(1, "s", "k", ray.exceptions.RayTaskError("compute", "traceback", ValueError("boom")))
+    walk._unit_failed(1, "s", ["k"], ray.exceptions.RayTaskError("compute", "traceback", ValueError("boom")))
     assert walk.attempts[("s", "k")] == 1 and "digest" in walk.shared_refs
+
+
+def test_a_model_free_unit_runs_beside_a_long_one_on_its_worker(tmp_path):
+    """A worker's second lane: a frame's step (short, model-free) sent to a worker whose window is computing runs
+    at once, not behind it. The long unit here waits until the test has the short one's result (up to 60 s): in
+    one lane the short one would only come after it."""
+    import ray
+
+    from diffsynth.cache import checksum
+    from diffsynth.config import ExecutorConfig
+    from diffsynth.executor import LANE, MODEL_FREE_LANE, RayExecutor
+    from diffsynth.stages.base import Stage
+
+    release = str(tmp_path / "release")
+
+    class Waits(Stage):
+        name = "waits"
+
+        def compute(self, key):
+            deadline = time.time() + 60
+            while not os.path.exists(release) and time.time() < deadline:
+                time.sleep(0.05)
+            return b"long " + key.encode(), None
+
+    class Adds(Stage):
+        name = "adds"
+        model_free = True
+
+        def compute(self, key):
+            return b"short " + key.encode(), None
+
+    ctx = SimpleNamespace(cache=None)
+    with RayExecutor(ExecutorConfig(workers=1, cpus_per_worker=1), "cpu", [Waits(ctx), Adds(ctx)]) as executor:
+        actor = executor.actors[0]
+        ray.get(actor.pid.remote(), timeout=300)  # started
+        long_records, long_data = actor.compute.options(num_returns=2, concurrency_group=LANE).remote(
+            "waits", ["a"], {})
+        short_records, short_data = actor.compute.options(num_returns=2, concurrency_group=MODEL_FREE_LANE).remote(
+            "adds", ["b"], {})
+        assert bytes(ray.get(short_data, timeout=50)) == b"short b"
+        assert ray.wait([long_data], timeout=0)[0] == []  # the long one is still computing
+        (path, digest, work), = ray.get(short_records)
+        assert digest == checksum(b"short b") and path is None
+        open(release, "w").close()
+        assert bytes(ray.get(long_data, timeout=120)) == b"long a"

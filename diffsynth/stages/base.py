@@ -19,6 +19,8 @@ class Stage:
     on_coordinator = False  # its units run in the render process even with many workers (reads a local file, or serial)
     runs_in_order = False  # its units reuse what the one before computed in the same process (ControlNet residuals):
     #                        with many workers, a worker runs its block's units in their order, not as they get ready
+    model_free = False     # its units use no model, only arithmetic on their inputs (a frame's DDIM step): a Ray
+    #                        worker may run them beside a unit that does, instead of queued behind it
 
     def __init__(self, ctx, inputs=()):
         self.ctx = ctx

@@ -449,6 +449,7 @@ class DenoiseStepStage(Stage):
         steps, alpha_t, alpha_prev = denoising_schedule(ctx)
         self.alpha_t, self.alpha_prev = alpha_t[step_index], alpha_prev[step_index]
         self.ephemeral = step_index < len(steps) - 1  # the final latents are kept for the VAE decode
+        self.model_free = smoothed is None  # in-loop smoothing VAE-encodes the smoothed frame
         self.eps = CombinedEps(self, windows_stage)
 
     def params(self):
