@@ -42,7 +42,6 @@ import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -125,7 +124,8 @@ class SimWindows(Stage):
     def compute(self, key):
         j = int(key[1:6])
         start, end = self.windows[j]
-        reused = set(range(*self.windows[j - 1])) if self.last_window == j - 1 else set()
+        # (A worker's block runs backwards every other step: the window before is then j + 1.)
+        reused = set(range(*self.windows[self.last_window])) if self.last_window in (j - 1, j + 1) else set()
         self.counts["controlnet_frame_evaluations"] = (self.counts.get("controlnet_frame_evaluations", 0)
                                                        + len(set(range(start, end)) - reused))
         self.last_window = j
@@ -249,7 +249,8 @@ def simulate(workers, args, folder):
             counts["controlnet_frame_evaluations"] / (args.frames * args.steps), 3),
         "coordinator_ms_per_unit": {k: round(1000 * v / committed, 2) for k, v in counts["coordinator_s"].items()},
         "worker_busy_s_by_stage": busy_by_stage(counts["busy_s"]),
-        "units": report.units_computed, "units_dispatched": counts["units_dispatched"], "tasks_dispatched": counts["tasks_dispatched"],
+        "units": report.units_computed, "units_dispatched": counts["units_dispatched"],
+        "tasks_dispatched": counts["tasks_dispatched"],
         "units_resent": counts["units_resent"], "units_taken": counts.get("units_taken"),
         "units_out_of_order": counts.get("units_out_of_order"),
         "units_taken_by_stage": busy_by_stage({0: counts.get("units_taken_by_stage", {})}), "final": final,
@@ -315,7 +316,8 @@ def main_simulated(args):
                   f"coordinator ms/unit {result['coordinator_ms_per_unit']}", flush=True)
             top = results[-1]
             ok = top["speedup"] >= args.target and all(r["bytes_per_step_vs_minimum"] <= 1.5 for r in results)
-            record = {"mode": "simulated", "fill_in_span": args.fill_in_span, "frames": args.frames, "steps": args.steps, "window_s": args.window_s,
+            record = {"mode": "simulated", "fill_in_span": args.fill_in_span,
+                      "frames": args.frames, "steps": args.steps, "window_s": args.window_s,
                       "size": "1280x768", "cores": os.cpu_count(), "folder": args.folder,
                       "baseline_workers": args.workers[0], "results": results, "target_speedup": args.target,
                       "meets_target": ok, "load_average": os.getloadavg()}

@@ -12,12 +12,14 @@ conservative, not exact) says so and gets the unit again with its bytes; a repla
 mirror. Bytes sent to several workers are put into Ray's object store once (`ray.put`).
 
 Locality: each stage's units are cut into one contiguous block per worker (by position in the stage's unit list, so
-frame i's latent, the windows holding frame i and frame i's step unit fall in the same block of every stage), and a
+frame i's latent, the windows holding frame i and frame i's step unit fall in the same block of every stage; a frame's
+step goes with the window that makes it ready, so that no ε travels for it), and a
 worker computes its own block's units, taking another's only when it has nothing of its own and that is sooner than
 its owner reaching it, counting what must be sent for it (from the far end of the longest queue). A stage whose
 units reuse what the one before computed (`Stage.runs_in_order`: the windows and their ControlNet residuals) is
-given to a worker in its block's order, as one process computes it, not in the order units get ready (a block's
-first window of a step is ready last: it reads the neighbouring block's last window). So a worker reuses its
+given to a worker in its block's order, as one process computes it, not in the order units get ready, every other
+such stage backwards (a snake: turning round, a block's first window of a step reads its own last window of the step
+before, not the neighbouring block's, and no block waits on the one before it step after step). So a worker reuses its
 ControlNet residuals as one process does, and it mostly holds every input of its units already: its own results.
 A per-frame step unit runs where its windows' ε are (no ε is sent but at the blocks' borders).
 
@@ -71,8 +73,8 @@ ATTEMPTS = 3
 TEST_ENV_PREFIX = "DIFFSYNTH_TEST_"
 MIRROR_SHARE = 0.9  # the coordinator believes a worker holds only this share of what it keeps (orders differ a bit)
 TAKE_BYTES_PER_S = 1e9  # what a worker taking another's unit assumes its missing inputs take to reach it (~10 Gb/s)
-SHARED_REFS_BYTES = 512 << 20
-LANE, MODEL_FREE_LANE = "units", "model_free"  # a worker's concurrency groups (UnitWorker)  # bytes the coordinator keeps in Ray's object store for the next worker needing them
+SHARED_REFS_BYTES = 512 << 20  # bytes the coordinator keeps in Ray's object store for the next worker needing them
+LANE, MODEL_FREE_LANE = "units", "model_free"  # a worker's concurrency groups (UnitWorker)
 
 
 class HeldBytes:
@@ -412,17 +414,33 @@ class Walk:
         self.position = {stage.name: index for index, stage in enumerate(stages)}
         self.done = {stage.name: cache.done_keys(stage.name) for stage in stages}
         workers = self.workers = len(executor.actors)
-        # Each stage's units in one contiguous block per worker, by position in the stage's list.
-        self.block = {stage.name: {key: (index * 2 + 1) * workers // (2 * len(keys[stage.name]))
-                                   for index, key in enumerate(keys[stage.name])} for stage in stages}
+        # Stages that run in order: per (stage name, block) a heap of the positions of units not sent yet. Every
+        # other one runs its blocks backwards (a snake): step k+1's windows read step k's, so a block running
+        # forwards both times would start each step with its first window, which waits on the block before's last
+        # (the border frames' steps), and those waits add up along the blocks, a step later for each; turning
+        # round, its first window reads its own last one and the next block's first. Either way a window reuses
+        # the ControlNet residuals of the one before (DenoiseWindowsStage keeps them for the next in either
+        # direction) and the bits are the same (a frame's residuals are computed in a group fixed by its index).
+        in_order = [stage for stage in stages if stage.runs_in_order]
+        self.order = {stage.name: {key: index if turn % 2 == 0 else -index
+                                   for index, key in enumerate(keys[stage.name])}
+                      for turn, stage in enumerate(in_order)}
+        # Each stage's units in one contiguous block per worker, by position in the stage's list; a unit reading a
+        # stage that runs in order goes to the block of the last of those it reads in that stage's order (a frame's
+        # step: where the window that makes it ready ran, so no ε travels for it, and whose next window reads it).
+        self.block = {}
+        for stage in stages:
+            stage_keys = keys[stage.name]
+            by_position = {key: (index * 2 + 1) * workers // (2 * len(stage_keys))
+                           for index, key in enumerate(stage_keys)}
+            if any(upstream.name in self.order for upstream in stage.inputs if upstream is not stage):
+                by_position = {key: self._block_after(stage, key, block) for key, block in by_position.items()}
+            self.block[stage.name] = by_position
         self.left = {}           # stage name → units still to commit
         self.waiting = {}        # (stage name, key) → number of its inputs not done yet
         self.readers = defaultdict(list)  # input unit → pending units reading it
         self.ready = []          # per stage position, per worker (its block), a deque of ready units
         self.is_ready = set()    # (stage name, key) of the units in those deques
-        # Stages that run in order: per (stage name, block) a heap of the positions of units not sent yet.
-        self.order = {stage.name: {key: index for index, key in enumerate(keys[stage.name])}
-                      for stage in stages if stage.runs_in_order}
         self.unsent = defaultdict(list)
         self.internal_readers = {}  # internal unit (FastBlend table) → pending units of its stage still reading it
         self.in_flight = {}      # Ray reference of a result's record → (worker index, actor, stage name, key, short,
@@ -441,6 +459,14 @@ class Walk:
         self.bar = tqdm(total=total, initial=report.units_reused, desc=f"units ({workers} workers)",
                         unit="unit", disable=not progress, dynamic_ncols=True)
         self._plan(keys)
+
+    def _block_after(self, stage, key, block):
+        """The block of the last unit `key` reads of a stage that runs in order, in that stage's order (else
+        `block`)."""
+        last = max(((self.order[upstream.name][upstream_key], upstream.name, upstream_key)
+                    for upstream, upstream_key in stage.reads(key)
+                    if upstream is not stage and upstream.name in self.order), default=None)
+        return block if last is None else self.block[last[1]][last[2]]
 
     def _plan(self, keys):
         self.ready = [[deque() for _ in range(self.workers)] for _ in self.stages]

@@ -256,6 +256,25 @@ def test_held_bytes_stay_within_their_bound():
     assert "big" not in held and held.size == 8
 
 
+def test_a_window_keeps_controlnet_residuals_for_the_next_one_in_either_direction():
+    """A Ray worker runs its block's windows backwards every other step (Walk.order): after each window the
+    residuals kept are those the next window in the direction it goes can reuse; for its first, both neighbours'."""
+    from diffsynth.schedule import sliding_windows
+    from diffsynth.stages.denoise import DenoiseWindowsStage
+
+    stage = DenoiseWindowsStage.__new__(DenoiseWindowsStage)  # only the window plan
+    stage.windows = sliding_windows(40, 16, 8)  # [0, 16), [8, 24), [16, 32), [24, 40)
+    assert stage.next_window_span(1) == (0, 32)  # first: windows 0 and 2
+    assert stage.next_window_span(2) == (24, 40)  # forwards: window 3
+    assert stage.next_window_span(3) == (40, 40)  # the last: nothing after it
+    stage = DenoiseWindowsStage.__new__(DenoiseWindowsStage)
+    stage.windows = sliding_windows(40, 16, 8)
+    assert stage.next_window_span(3) == (16, 32)  # first, at the end: window 2 only
+    assert stage.next_window_span(2) == (8, 24)  # backwards: window 1
+    assert stage.next_window_span(1) == (0, 16)
+    assert stage.next_window_span(0) == (16, 16)  # backwards past the first: nothing
+
+
 def test_controlnet_residuals_stay_bounded_in_any_order():
     """What a worker keeps of a step's ControlNet residuals: the frames the next window can reuse (up to its last
     group), and at most STEPS_KEPT steps' worth, whatever order windows and steps arrive in."""

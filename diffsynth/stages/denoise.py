@@ -118,6 +118,18 @@ class DenoiseWindowsStage(Stage):
     def residuals(self):
         return ControlNetResiduals(self, self.num_frames)
 
+    def next_window_span(self, j):
+        """The frames the window this process computes after window j may share with it: of window j + 1 when it
+        goes forwards (one process; a Ray worker's block), of j - 1 backwards (a worker's block every other step),
+        of both when it cannot tell yet (its first window); (end, end) when there is none."""
+        previous, self.previous_window = getattr(self, "previous_window", None), j
+        after = [k for k in ((j + 1,) if previous == j - 1 else (j - 1,) if previous == j + 1 else (j - 1, j + 1))
+                 if 0 <= k < len(self.windows)]
+        if not after:
+            end = self.windows[j][1]
+            return end, end
+        return min(self.windows[k][0] for k in after), max(self.windows[k][1] for k in after)
+
     def read_latents(self, indices):
         return torch.stack([self.read_tensors(self.latents, frame_key(i))["latent"] for i in indices])
 
@@ -145,7 +157,7 @@ class DenoiseWindowsStage(Stage):
         positive = frame_embeddings("positive", range(start, end))
         latents = latents.to(device, dtype)
         down_residuals, mid_residual = self.residuals.window(start, end, frame_embeddings)
-        self.residuals.keep_for(*(self.windows[j + 1] if j + 1 < len(self.windows) else (end, end)))
+        self.residuals.keep_for(*self.next_window_span(j))
         if negative.shape[1] == positive.shape[1]:
             # Classifier-free guidance in one batch: [negative × frames, positive × frames].
             sample = torch.cat([latents, latents])
