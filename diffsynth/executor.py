@@ -446,6 +446,7 @@ class Walk:
         self.in_flight = {}      # Ray reference of a result's record → (worker index, actor, stage name, key, short,
         #                          the reference of its bytes)
         self.load = [[0, 0] for _ in range(workers)]  # per worker: long units in flight, short ones
+        self.idle_since = [time.monotonic()] * workers  # when each worker's last unit in flight came back
         self.dispatch_now = False  # a unit got ready for a worker with room since the last dispatch
         self.attempts = defaultdict(int)
         self.stage_seconds = {}  # stage name → (workers' seconds computing, units) of its units computed so far
@@ -647,18 +648,26 @@ class Walk:
     def _taken_unit(self, worker):
         """The last unit of the longest queue of the latest stage with more waiting than its worker takes at once
         (so it is behind: a slower or a new worker loading its models), if taking it is worth what must be sent for
-        it; the last is the farthest from where it works. Short units are not taken: their owner is sent many at
-        once, and their inputs (a frame's step reads two windows' ε) are larger than their work. Taking less eagerly
-        keeps the blocks, which is what keeps the bytes and ControlNet calls down."""
+        it; the last is the farthest from where it works (of a stage that runs in order, the last in its order).
+        Only by a worker idle for one unit's time: a block turning round at a step's end has its whole next step
+        ready at once while its neighbour waits a moment for its own first window. Short units are not taken: their
+        owner is sent many at once, and their inputs (a frame's step reads two windows' ε) are larger than their
+        work. Taking less eagerly keeps the blocks, which is what keeps the bytes and ControlNet calls down."""
+        idle_for = time.monotonic() - self.idle_since[worker]
         for position in reversed(range(len(self.stages))):
             stage = self.stages[position]
             # (Not its own block: what it has not been given of that is not its turn yet.)
             longest = max((queue for block, queue in enumerate(self.ready[position]) if block != worker), key=len,
                           default=())
-            if (len(longest) > 2 * IN_FLIGHT and not stage.on_coordinator and not self._is_short(stage.name)
-                    and self._worth_taking(worker, stage, longest[-1], len(longest))):
+            if (len(longest) <= 2 * IN_FLIGHT or stage.on_coordinator or self._is_short(stage.name)
+                    or idle_for < (self._seconds_per_unit(stage.name) or 0)):
+                continue
+            order = self.order.get(stage.name)
+            key = max(longest, key=order.get) if order else longest[-1]
+            if self._worth_taking(worker, stage, key, len(longest)):
                 self.counts.taken_by_stage[stage.name] += 1
-                return stage, self._sent(stage.name, longest.pop())
+                longest.remove(key)
+                return stage, self._sent(stage.name, key)
         return None
 
     def _worth_taking(self, worker, stage, key, backlog):
@@ -763,6 +772,8 @@ class Walk:
         for reference in references:
             worker, actor, name, keys, short, data_refs = self.in_flight.pop(reference)
             self.load[worker][short] -= len(keys)
+            if not any(self.load[worker]):
+                self.idle_since[worker] = time.monotonic()
             started = time.perf_counter()
             try:
                 records, *results = self.ray.get([reference, *data_refs])
