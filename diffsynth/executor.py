@@ -443,8 +443,8 @@ class Walk:
         self.is_ready = set()    # (stage name, key) of the units in those deques
         self.unsent = defaultdict(list)
         self.internal_readers = {}  # internal unit (FastBlend table) → pending units of its stage still reading it
-        self.in_flight = {}      # Ray reference of a result's record → (worker index, actor, stage name, key, short,
-        #                          the reference of its bytes)
+        self.in_flight = {}      # Ray reference of a task's records → (worker index, actor, stage name, its keys,
+        #                          short, the references of their bytes)
         self.load = [[0, 0] for _ in range(workers)]  # per worker: long units in flight, short ones
         self.idle_since = [time.monotonic()] * workers  # when each worker's last unit in flight came back
         self.dispatch_now = False  # a unit got ready for a worker with room since the last dispatch
@@ -593,9 +593,9 @@ class Walk:
         sent, and a frame's step (milliseconds) is what the next step's windows wait for: sent behind a window, it
         would hold them up by that window's time. While short units wait for room, no long unit goes ahead of them.
 
-        Long units, earlier stages first, as one process runs them: a block's last window of step k is what the
-        next block's first window of step k+1 waits for, so a worker that ran ahead to its later steps would stall
-        the others; and a block's initial latents, queued behind windows, would hold up the next block's first
+        Long units, earlier stages first, as one process runs them: the blocks beside a block wait on its windows
+        of each step (those its border frames' steps read), so a worker that ran ahead to its later steps would
+        stall them; and a block's initial latents, queued behind windows, would hold up the next block's first
         window. A stage that runs in order gives only its block's next unit, as one process computes them (a window
         out of order would compute its ControlNet residuals again; waiting for the one before is shorter), unless
         nothing at all is computing."""
