@@ -363,3 +363,31 @@ def test_a_model_free_unit_runs_beside_a_long_one_on_its_worker(tmp_path):
         assert digest == checksum(b"short b") and path is None
         open(release, "w").close()
         assert bytes(ray.get(long_data, timeout=120)) == b"long a"
+
+
+def test_an_idle_worker_takes_a_window_only_after_a_window_s_time_and_the_last_in_its_owners_order():
+    """A block turning round at a step's end has its whole next step ready at once while its neighbour waits a
+    moment for its own first window: that neighbour must not take from it then. Once idle for a window's time it
+    takes the one farthest from where the owner works: of a stage running backwards, the lowest window."""
+    from diffsynth.executor import ExecutorCounts, HeldBytes, Walk
+
+    class Windows:
+        name, on_coordinator, model_free, runs_in_order = "w", False, False, True
+
+        def reads(self, key):
+            return []
+
+    stage = Windows()
+    keys = [f"w{j:05d}" for j in range(12)]
+    walk = Walk.__new__(Walk)  # only the state taking reads
+    walk.stages, walk.by_name, walk.counts = [stage], {"w": stage}, ExecutorCounts(2)
+    walk.order = {"w": {key: -j for j, key in enumerate(keys)}}  # a step running backwards
+    walk.ready, walk.is_ready = [[deque(), deque(keys[6:])]], {("w", key) for key in keys[6:]}  # worker 1's block
+    walk.stage_seconds, walk.kind_seconds = {"w": (5.0, 10)}, {}  # 0.5 s a window
+    walk.fetched_bytes, walk.fetch_seconds = 0, 0.0
+    walk.held = [HeldBytes(1 << 20), HeldBytes(1 << 20)]
+    walk.idle_since = [time.monotonic(), 0.0]
+    assert walk._taken_unit(0) is None  # idle for less than a window
+    walk.idle_since[0] = time.monotonic() - 1.0
+    assert walk._taken_unit(0) == (stage, "w00006")
+    assert walk.counts.taken_by_stage["w"] == 1 and "w00006" not in walk.ready[0][1]
