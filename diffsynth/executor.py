@@ -792,8 +792,8 @@ class Walk:
                     total, done = seconds.get(of, (0.0, 0))
                     seconds[of] = (total + busy - fetch_s, done + 1)
                 if fetched:
-                    self.fetch_seconds = self.fetch_seconds + fetch_s
-                    self.fetched_bytes = self.fetched_bytes + fetched
+                    self.fetch_seconds += fetch_s
+                    self.fetched_bytes += fetched
                 for counted, value in work.items():
                     self.counts.work[counted] += value
                 self.counts.bytes_from_workers[name] += len(data)
